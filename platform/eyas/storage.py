@@ -1,0 +1,184 @@
+"""One way to read and write artifacts by URI: local paths, ``s3://`` and ``gs://``.
+
+An artifact is a directory of shards plus ``manifest.json``, written LAST: a directory
+without a manifest is unfinished and readers refuse it. ``s3://`` uses ``AWS_ENDPOINT_URL``
+(path-style addressing, for S3-compatible servers), ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``/``AWS_DEFAULT_REGION``; ``gs://`` uses pyarrow's
+GCS filesystem with the usual Google credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, unfinished, or was produced by a different config."""
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem from the standard AWS environment variables."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    kwargs: dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to ``(filesystem, path inside it)``. Local paths become absolute."""
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), uri.split("://", 1)[1].rstrip("/")
+    if scheme in ("", "file"):
+        path = uri[len("file://"):] if scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    raise ArtifactError(f"unsupported storage URI {uri!r}: use a local path, s3:// or gs://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI path parts with '/'."""
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("s3", "gs", "gcs")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object. Local writes go through a temp file + rename, so readers never see a partial file."""
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as out:  # a single PUT is atomic on object stores
+        out.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as inp:
+            return inp.read()
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{uri} does not exist") from exc
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=False, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """All files below ``uri`` (recursively) whose name ends with ``suffix``, as URIs, sorted."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(scheme + f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
+
+
+def delete_dir(uri: str) -> None:
+    """Remove an artifact directory and everything in it (no error when absent)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the main components, recorded in every manifest."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("eyas", "ray", "torch", "transformers", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+@dataclass
+class Artifact:
+    """A stage's output directory, identified by URI."""
+
+    uri: str
+
+    def path(self, *parts: str) -> str:
+        return join(self.uri, *parts)
+
+    @property
+    def manifest_uri(self) -> str:
+        return self.path(MANIFEST)
+
+    def is_complete(self) -> bool:
+        return exists(self.manifest_uri)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest; an artifact without one is unfinished and refused."""
+        if not self.is_complete():
+            raise ArtifactError(
+                f"{self.uri} has no {MANIFEST}: the stage that writes it has not finished. "
+                f"Run that stage (or point the config at a finished artifact)."
+            )
+        return read_json(self.manifest_uri)
+
+    def write_manifest(self, stage: str, config: dict[str, Any], config_hash: str, **fields: Any) -> dict[str, Any]:
+        """Write ``manifest.json`` last, marking the artifact complete."""
+        manifest = {"stage": stage, "config_hash": config_hash, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "versions": versions(), **fields, "config": config}
+        write_json(self.manifest_uri, manifest)
+        return manifest
+
+    def prepare(self, config_hash: str, force: bool) -> bool:
+        """Decide whether the stage must run. Returns False when a finished artifact with the same
+        config exists (a no-op rerun). Clears partial or forced outputs before a run."""
+        if self.is_complete() and not force:
+            found = self.manifest().get("config_hash")
+            if found == config_hash:
+                return False
+            raise ArtifactError(
+                f"{self.uri} already holds a finished artifact from another config (hash {found}, "
+                f"now {config_hash}). Pass force=true to overwrite it, or choose another output URI."
+            )
+        delete_dir(self.uri)
+        return True
