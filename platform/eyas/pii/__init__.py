@@ -1,0 +1,1 @@
+"""PII detection and scrubbing: a local presidio detector and Google Cloud DLP."""
