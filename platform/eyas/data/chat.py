@@ -1,0 +1,362 @@
+"""Chat template + tokenize + assistant loss mask (the data stage's step 5).
+
+A conversation is rendered ONCE with the target's own chat template and tokenized once, so every
+token boundary is the one the target sees in the whole conversation; nothing is re-tokenized in
+isolation. The loss mask is then derived without ``{% generation %}`` tags, per assistant turn i:
+
+1. Serving prompt. ``messages[:i]`` rendered with ``add_generation_prompt=True`` is exactly what
+   the target is given to write reply i. Its text must be a prefix of the whole rendering and its
+   token ids a prefix of the whole ids; otherwise the template renders history differently once
+   later turns follow (or the reply merges with the prompt into one token) and we raise
+   ``ChatTemplateError`` naming the template and the turn instead of guessing.
+2. Reply text. The conversation is rendered again with reply i replaced by two one-character
+   probes; the characters where the renderings differ are where the template wrote reply i
+   (after any trimming or reasoning stripping the template does).
+3. Mask. 1 on the tokens that carry the reply text, on the template's end-of-turn control token
+   right after it (``<|eot_id|>``, ``<|eot|>``, ``<|im_end|>``, ``</s>``), and on whitespace the
+   template puts between the serving prompt and the reply or between the reply and that token
+   (stories260k's ``' '``): the target writes those itself. 0 on everything else: BOS, system
+   text, role headers, generation prompts, text after the end-of-turn token (Qwen's ``"\\n"``).
+
+Qwen3 thinking: the template writes ``<think>\\n\\n</think>\\n\\n`` before the LAST assistant reply
+and strips reasoning from earlier ones. That block is scaffolding, not reply: in non-thinking
+serving (``enable_thinking=False``) it is part of the prompt the target is given, so it is
+masked 0 and the draft is trained on what the target actually writes, the answer and
+``<|im_end|>``. A reply that carries its reasoning (``<think>\\nR\\n</think>\\n\\nA``, as a
+thinking-mode target writes it) keeps R in the last turn, and R, ``</think>`` and A are masked 1
+(only the template-written ``<think>\\n`` opener is 0); in earlier turns the template drops R, as
+it does at serving time, so only A is trained. ``generation_prompt_ids`` uses the template's
+defaults (Qwen3: thinking on), i.e. what an OpenAI-compatible server gives the target.
+
+Dates: every rendering passes ``date_string=PINNED_DATE_STRING`` (Llama 3.1's own default), so
+templates that would print today's date (Llama 3.2+/4 via ``strftime_now``) render the same
+bytes on every run and in every prefix of one conversation. The date lines sit in the system
+header, inside the serving prompt, so they are always masked 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+ROLES = ("system", "user", "assistant")
+# Llama 3.1's template default; pinned so renders are reproducible and prefix-consistent.
+PINNED_DATE_STRING = "26 Jul 2024"
+# Two distinct one-character replies: where a rendering with them differs from the real one is
+# where the real reply sits (two probes, so a reply sharing a first/last char with one is exact).
+_PROBES = ("\ue000", "\ue001")
+_CHUNK = 512  # characters compared at a time when diffing renderings
+
+
+class ChatTemplateError(ValueError):
+    """A conversation cannot be rendered or aligned with a chat template; the row is quarantined."""
+
+
+@dataclass(frozen=True)
+class TokenizedConversation:
+    """One conversation as the target tokenizes it.
+
+    input_ids: token ids of the whole rendered conversation, (T,) ints.
+    loss_mask: (T,) 0/1 ints; 1 on assistant reply tokens and their end-of-turn token.
+    """
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.loss_mask):
+            raise ValueError(f"input_ids has {len(self.input_ids)} tokens but loss_mask has "
+                             f"{len(self.loss_mask)}: they must have the same length")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the conversation."""
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens the draft is trained to predict (loss_mask == 1)."""
+        return sum(self.loss_mask)
+
+
+class _Boundary(NamedTuple):
+    """Where a serving prompt ends in the whole rendering, in characters and in tokens."""
+
+    char: int
+    token: int
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer (with chat template) saved in the local directory ``path``.
+
+    Raises FileNotFoundError / OSError naming ``path`` when nothing loadable is there, and
+    ChatTemplateError when the tokenizer has no chat template or is not a fast tokenizer.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer path {path!r} is not a local directory: point it at a "
+                                f"saved Hugging Face tokenizer or model directory")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"could not load a tokenizer from {path!r}: {exc}. The directory needs "
+                      f"tokenizer.json and tokenizer_config.json") from exc
+    _check_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]],
+                          template_name: str = "") -> TokenizedConversation:
+    """Render ``messages`` with the tokenizer's chat template, tokenize once, mask the replies.
+
+    messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, an optional system
+    message, then user/assistant alternating, ending with an assistant reply. ``template_name``
+    (e.g. the tokenizer path) names the template in errors. See the module docstring for the
+    exact mask. Raises ChatTemplateError when the conversation cannot be rendered or aligned.
+    """
+    name = _template_name(tokenizer, template_name)
+    _check_messages(tokenizer, messages, name, last_role="assistant")
+    full_text = _render(tokenizer, messages, name, add_generation_prompt=False)
+    enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    prompts = [_serving_prompt_end(tokenizer, messages, i, full_text, ids, name) for i in turns]
+    control_ids = _control_token_ids(tokenizer)
+    mask = [0] * len(ids)
+    for k, turn in enumerate(turns):
+        # The reply and its end-of-turn token must lie before the next turn's serving prompt ends.
+        limit = prompts[k + 1].token if k + 1 < len(turns) else len(ids)
+        span = _reply_chars(tokenizer, messages, turn, full_text, name)
+        lo, hi = _reply_tokens(full_text, ids, offsets, prompts[k], span, limit, control_ids,
+                               _where(name, turn))
+        mask[lo:hi] = [1] * (hi - lo)
+    return TokenizedConversation(input_ids=ids, loss_mask=mask)
+
+
+def generation_prompt_ids(tokenizer: Any, messages: list[dict[str, str]],
+                          template_name: str = "") -> list[int]:
+    """Token ids the target is given to write the NEXT assistant turn after ``messages``.
+
+    ``messages`` is a history ending with a user turn; the result is that history rendered with
+    the template's generation prompt (template defaults, so Qwen3 thinks), tokenized exactly as
+    ``tokenize_conversation`` tokenizes the same prefix of a longer conversation.
+    """
+    name = _template_name(tokenizer, template_name)
+    _check_messages(tokenizer, messages, name, last_role="user")
+    return _encode(tokenizer, _render(tokenizer, messages, name, add_generation_prompt=True))
+
+
+def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]],
+                        template_name: str = "") -> int:
+    """Tokens of the whole rendered conversation, to quarantine ones too long for the target.
+
+    A conversation ending with a user turn is counted with its generation prompt, since that is
+    what the target is given.
+    """
+    name = _template_name(tokenizer, template_name)
+    _check_messages(tokenizer, messages, name, last_role=None)
+    add_prompt = messages[-1]["role"] == "user"
+    return len(_encode(tokenizer, _render(tokenizer, messages, name, add_prompt)))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _template_name(tokenizer: Any, template_name: str) -> str:
+    """The name errors use: the caller's, else the tokenizer's path."""
+    name = template_name or getattr(tokenizer, "name_or_path", "") or "<unnamed chat template>"
+    _check_tokenizer(tokenizer, name)
+    return name
+
+
+def _check_tokenizer(tokenizer: Any, name: str) -> None:
+    """Masks need a chat template and character offsets (only fast tokenizers have them)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"tokenizer {name!r} has no chat template: use the target's own "
+                                f"instruct tokenizer (chat_template in tokenizer_config.json or "
+                                f"chat_template.jinja)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError(f"tokenizer {name!r} is not a fast (Rust) tokenizer, which the "
+                                f"loss mask needs for character offsets: save it with tokenizer.json")
+
+
+def _check_messages(tokenizer: Any, messages: Sequence[dict[str, str]], name: str,
+                    last_role: str | None) -> None:
+    """Optional system, then user/assistant alternating from user; ``last_role`` if given."""
+    if not messages:
+        raise ChatTemplateError(f"chat template {name!r}: the conversation has no messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or set(msg) != {"role", "content"}:
+            raise ChatTemplateError(f"{_where(name, i)}: expected a dict with exactly the keys "
+                                    f"'role' and 'content', got {msg!r:.200}")
+        if not isinstance(msg["content"], str):
+            raise ChatTemplateError(f"{_where(name, i)}: content is "
+                                    f"{type(msg['content']).__name__}, not str")
+        expected = _expected_role(messages, i)
+        if msg["role"] != expected:
+            raise ChatTemplateError(f"{_where(name, i)}: role {msg['role']!r} where {expected!r} "
+                                    f"belongs (optional system, then user/assistant alternating)")
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            raise ChatTemplateError(f"{_where(name, i)}: empty assistant reply; drop the turn")
+        _check_no_control_text(tokenizer, msg["content"], name, i)
+    if last_role is not None and messages[-1]["role"] != last_role:
+        raise ChatTemplateError(f"chat template {name!r}: the conversation must end with a "
+                                f"{last_role} turn, it ends with {messages[-1]['role']!r}")
+
+
+def _expected_role(messages: Sequence[dict[str, str]], i: int) -> str:
+    """The role message ``i`` must have: system may only come first."""
+    if i == 0 and messages[0].get("role") == "system":
+        return "system"
+    offset = 1 if messages[0].get("role") == "system" else 0
+    return "user" if (i - offset) % 2 == 0 else "assistant"
+
+
+def _check_no_control_text(tokenizer: Any, content: str, name: str, i: int) -> None:
+    """Control-token text in a message would be parsed as real turn structure by the tokenizer."""
+    for token in _control_token_strings(tokenizer):
+        if token in content:
+            raise ChatTemplateError(f"{_where(name, i)}: the text contains the control token "
+                                    f"{token!r}, which would forge turn structure; remove it "
+                                    f"from the message or quarantine the row")
+
+
+@functools.lru_cache(maxsize=16)
+def _control_token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """Text of the tokenizer's special added tokens (cached: Llama 4 has over a thousand)."""
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+
+
+@functools.lru_cache(maxsize=16)
+def _control_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the special added tokens; an end-of-turn token is one of them."""
+    return frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+
+
+def _where(name: str, i: int) -> str:
+    return f"chat template {name!r}, message {i}"
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], name: str,
+            add_generation_prompt: bool) -> str:
+    """The template's text for ``messages``; template failures become ChatTemplateError."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             date_string=PINNED_DATE_STRING)
+    except TemplateError as exc:
+        roles = [m["role"] for m in messages]
+        rejected = [r for r in dict.fromkeys(roles) if not _renders_alone(tokenizer, r)]
+        hint = f"it rejects the role {rejected[0]!r}: " if rejected else ""
+        raise ChatTemplateError(
+            f"chat template {name!r} cannot render a conversation with roles {roles}: {exc}. "
+            f"{hint}map or drop that role (e.g. fold a system prompt into the first user turn) "
+            f"or quarantine the row") from exc
+
+
+def _renders_alone(tokenizer: Any, role: str) -> bool:
+    """Whether the template renders a one-message conversation with ``role``."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": role, "content": "x"}], tokenize=False,
+                                      date_string=PINNED_DATE_STRING)
+    except TemplateError:
+        return False
+    return True
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Ids of rendered text, exactly as ``apply_chat_template(tokenize=True)`` encodes it."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
+                        full_text: str, full_ids: list[int], name: str) -> _Boundary:
+    """Where the prompt the target is given for reply ``turn`` ends in the whole conversation."""
+    text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True)
+    if not full_text.startswith(text):
+        at = _common_prefix_len(full_text, text)
+        raise ChatTemplateError(
+            f"{_where(name, turn)}: the history rendered with a generation prompt is not a prefix "
+            f"of the whole rendered conversation (they differ at character {at}: "
+            f"{text[at:at + 40]!r} vs {full_text[at:at + 40]!r}); the template renders earlier "
+            f"turns differently once later turns follow, so the loss mask cannot be aligned")
+    ids = _encode(tokenizer, text)
+    if full_ids[:len(ids)] != ids:
+        raise ChatTemplateError(
+            f"{_where(name, turn)}: the generation prompt's tokens are not a prefix of the "
+            f"conversation's tokens: the reply's first characters merge with the prompt into one "
+            f"token (e.g. a reply that starts with whitespace or a newline); strip the reply")
+    return _Boundary(char=len(text), token=len(ids))
+
+
+def _reply_chars(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
+                 full_text: str, name: str) -> tuple[int, int]:
+    """Character span ``[c0, c1)`` of reply ``turn`` as the template wrote it into ``full_text``."""
+    starts, ends = [], []
+    for probe in _PROBES:
+        probed = list(messages)
+        probed[turn] = {"role": "assistant", "content": probe}
+        text = _render(tokenizer, probed, name, add_generation_prompt=False)
+        head = _common_prefix_len(full_text, text)
+        tail = _common_suffix_len(full_text[head:], text[head:])
+        starts.append(head)
+        ends.append(len(full_text) - tail)
+    return min(starts), max(ends)
+
+
+def _reply_tokens(full_text: str, ids: list[int], offsets: list[tuple[int, int]],
+                  prompt: _Boundary, span: tuple[int, int], limit: int,
+                  control_ids: frozenset[int], where: str) -> tuple[int, int]:
+    """Token range ``[lo, hi)`` to mask 1: the reply's tokens through its end-of-turn token."""
+    c0, c1 = span
+    if c1 <= c0:
+        raise ChatTemplateError(f"{where}: the template writes nothing of this reply")
+    if c0 < prompt.char:
+        raise ChatTemplateError(f"{where}: the template writes reply text before the end of the "
+                                f"generation prompt (character {c0} < {prompt.char})")
+    # Whitespace between prompt and reply is written by the target (stories260k's ' '); any other
+    # inserted text (Qwen3's empty <think> block) is scaffolding the serving prompt carries.
+    start_char = prompt.char if not full_text[prompt.char:c0].strip() else c0
+    lo = prompt.token
+    while lo < limit and offsets[lo][1] <= start_char:
+        lo += 1
+    hi = lo
+    while hi < limit and offsets[hi][0] < c1:
+        hi += 1
+    # Whitespace the template puts between the reply and its end-of-turn token is the target's.
+    while hi < limit and ids[hi] not in control_ids and not full_text[slice(*offsets[hi])].strip():
+        hi += 1
+    if lo >= hi or hi >= limit or ids[hi] not in control_ids:
+        found = full_text[slice(*offsets[hi])] if hi < len(ids) else "the end of the text"
+        raise ChatTemplateError(f"{where}: no end-of-turn control token right after the reply "
+                                f"(found {found!r}); the template cannot be aligned")
+    return lo, hi + 1
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix; compares in chunks so long texts stay fast."""
+    n, i = min(len(a), len(b)), 0
+    while i < n and a[i:i + _CHUNK] == b[i:i + _CHUNK]:
+        i += _CHUNK
+    while i < n and a[i] == b[i]:
+        i += 1
+    return min(i, n)
+
+
+def _common_suffix_len(a: str, b: str) -> int:
+    """Length of the longest common suffix."""
+    return _common_prefix_len(a[::-1], b[::-1])
