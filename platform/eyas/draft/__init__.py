@@ -1,0 +1,1 @@
+"""The EAGLE-3 draft head, its vocabulary mapping and training-time test."""

@@ -1,0 +1,1 @@
+"""Writing and checking draft directories that SGLang and vLLM load."""
