@@ -1,0 +1,2 @@
+"""The eyas inference engine: plain PyTorch Llama-family target, EAGLE-3 tree speculation,
+continuous batching."""

@@ -1,0 +1,334 @@
+"""The target model: a plain PyTorch Llama-family decoder (Llama 2/3, Qwen2, Qwen3).
+
+The engine owns the KV cache and the attention mask; ``Transformer.forward`` only reads and
+writes the cache slots it is told to. Besides logits it returns the EAGLE-3 auxiliary hidden
+states: the OUTPUTS of the decoder layers ``aux_layer_ids`` (0-based), concatenated low/mid/high.
+
+Variants (all from ``config.json``):
+- Llama 2/3: no biases (unless ``attention_bias``/``mlp_bias``), rope ``default`` or ``llama3``.
+- Qwen2: q/k/v projections carry a bias, o_proj does not.
+- Qwen3: per-head RMSNorm on q and k (``q_norm``/``k_norm``) before RoPE.
+Tied embeddings (``tie_word_embeddings``) share ``lm_head`` with ``embed_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eyas.engine.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass
+class ModelConfig:
+    """The subset of a Hugging Face ``config.json`` this module needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    model_type: str = "llama"
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a parsed ``config.json``; unsupported architectures raise ``ValueError``."""
+        mtype = cfg.get("model_type", "llama")
+        if mtype not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config.json model_type={mtype!r} is not supported by the eyas engine "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); serve it with SGLang instead."
+            )
+        if cfg.get("use_sliding_window") or (mtype == "mistral" and cfg.get("sliding_window")):
+            raise ValueError("config.json enables sliding-window attention, which the eyas engine "
+                             "does not implement; disable it or serve the model with SGLang.")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        attn_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rtype != "default" else None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=attn_bias or mtype == "qwen2", o_bias=attn_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mtype == "qwen3",
+            model_type=mtype,
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's aux layers (outputs of ``[1, N//2-1, N-4]``); distinct fallbacks for shallow N.
+
+    For N < 8 the formula repeats a layer (N=5 gives [1, 1, 1]); there the three are spread
+    over ``[0, (N-1)//2, N-2]`` (N=5 gives [0, 2, 3]; the last layer is avoided like in the
+    formula). A draft checkpoint's ``eagle_aux_hidden_state_layer_ids`` overrides this.
+    """
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if len(set(ids)) == 3 and min(ids) >= 0:
+        return ids
+    if num_layers < 4:
+        raise ValueError(f"a target with {num_layers} layers has no three distinct aux layers "
+                         "before its last; pass aux_layer_ids explicitly")
+    return [0, (num_layers - 1) // 2, num_layers - 2]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """RoPE inverse frequencies (head_dim/2,) float32, with llama3/linear scaling if configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv.float()
+    rtype = scaling.get("rope_type", scaling.get("type"))
+    if rtype == "linear":
+        return (inv / scaling["factor"]).float()
+    if rtype != "llama3":
+        raise ValueError(f"config.json rope type {rtype!r} is not supported (default, linear, "
+                         "llama3); serve this model with SGLang instead.")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(mid, blended, scaled).float()
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for ``positions`` (B, T) int64 -> each (B, T, head_dim) in ``dtype``."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, T, heads, hd) by the (B, T, hd) tables (Hugging Face rotate-half layout)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, then scaled by the weight in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention reading/writing the engine-owned cache of one layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+                slots: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, H); cos/sin (B, T, hd); ``layer`` of ``cache`` is read/written at slots
+        (B,); write_pos (B, T) storage index of each new token; mask (B, T, S) bool, True =
+        attend to slot position s < S. Returns (B, T, H)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(layer, slots, write_pos, k, v)
+        keys, values = cache.gather(layer, slots, mask.shape[-1])  # each (B, nkv, S, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None],
+            enable_gqa=True,
+        )  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, f, bias=bias)
+        self.up_proj = nn.Linear(h, f, bias=bias)
+        self.down_proj = nn.Linear(f, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
+                slots: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
+        h = self.input_layernorm(x)
+        x = x + self.self_attn(h, cos, sin, cache, layer, slots, write_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The target decoder. Parameter names equal the Hugging Face ones minus ``model.``."""
+
+    def __init__(self, cfg: ModelConfig, aux_layer_ids: list[int] | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(cfg.num_layers))
+        if any(not 0 <= i < cfg.num_layers for i in self.aux_layer_ids):
+            raise ValueError(f"aux_layer_ids={self.aux_layer_ids} outside the target's "
+                             f"{cfg.num_layers} layers; use 0-based decoder layer indices")
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        """An empty cache of ``num_slots`` sequences of up to ``max_len`` tokens each."""
+        p = self.embed_tokens.weight
+        cfg = self.config
+        return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
+                       dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+                write_pos: Tensor, mask: Tensor, last_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Run T new tokens per row through the model, writing their K/V into the cache.
+
+        input_ids (B, T) int64; positions (B, T) int64 RoPE positions (prefix length + depth
+        for tree tokens); slots (B,) int64 cache slot of each row; write_pos (B, T) int64 where
+        each token's K/V is stored in its slot; mask (B, T, S) bool, True where the token may
+        attend to slot position s (the new tokens' own entries included).
+        Returns logits (B, T, V) float (or (B, 1, V) of the last token when ``last_only``) and
+        aux hidden states (B, T, 3H): outputs of ``aux_layer_ids`` concatenated in order.
+        """
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        aux: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, slots, write_pos, mask)
+            if i in self.aux_layer_ids:
+                aux[i] = x
+        aux_cat = torch.cat([aux[i] for i in self.aux_layer_ids], dim=-1)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float(), aux_cat  # (B, T, V), (B, T, 3H)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu",
+                        aux_layer_ids: list[int] | None = None) -> Transformer:
+        """Load a Hugging Face directory (config.json + single or sharded safetensors)."""
+        directory = Path(directory)
+        cfg_path = directory / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found: model_dir must be a Hugging Face "
+                                    "model directory with config.json and *.safetensors")
+        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
+        cfg.eos_token_ids = cfg.eos_token_ids or _generation_eos(directory)
+        with torch.device("meta"):
+            model = cls(cfg, aux_layer_ids)
+        state = load_safetensors_dir(directory)
+        _load_state(model, state, directory)
+        model.inv_freq = rope_inv_freq(cfg)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _generation_eos(directory: Path) -> list[int]:
+    """eos ids from generation_config.json when config.json has none."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in its index file."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors(.index.json); convert the "
+                                "checkpoint to safetensors (save_pretrained does this)")
+    state: dict[str, Tensor] = {}
+    for name in files:
+        state.update(load_file(str(directory / name)))
+    return state
+
+
+def _load_state(model: Transformer, hf_state: dict[str, Tensor], directory: Path) -> None:
+    """Map Hugging Face keys onto the module and assign them; missing/unexpected keys raise."""
+    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (
+        model.config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not match config.json: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight

@@ -1,0 +1,138 @@
+"""Per-request sampling: parameters, logits -> probabilities, seeded draws, stop conditions.
+
+Randomness is drawn as uniforms from each request's own ``torch.Generator`` and turned into
+tokens by inverse-CDF lookup, so a seeded request reproduces exactly whatever else runs in
+the same batch, and speculative acceptance can reuse the same pure-tensor machinery.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy (top_p/top_k ignored)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # when False the model's eos ids also stop the request
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first out-of-range field."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = disabled)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop contains an empty string; remove it")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator:
+    """A generator seeded with ``seed`` (a fresh random seed when None)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return gen
+
+
+def draw_uniforms(generators: Sequence[torch.Generator | None], n: int,
+                  device: str | torch.device) -> Tensor:
+    """(B, n) float32 uniforms in [0, 1), row b from ``generators[b]``; zeros where None."""
+    rows = [torch.zeros(n, device=device) if g is None else
+            torch.rand(n, generator=g, device=device) for g in generators]
+    return torch.stack(rows)
+
+
+def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """The distribution each request samples from.
+
+    logits (N, V) float; temperature (N,) float (0 = greedy: one-hot on the argmax);
+    top_k (N,) int64 (0 = off); top_p (N,) float (1 = off). Returns probs (N, V) float32.
+    Top-k is applied before top-p, both to the temperature-scaled logits.
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    sorted_logits, _ = scaled.sort(dim=-1, descending=True)  # (N, V)
+    k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (N, 1)
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p  # (N, V)
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    probs = probs.masked_fill(drop, 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs)
+
+
+def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw: probs (N, V) non-negative (need not sum to 1), uniforms (N,) in [0, 1).
+
+    Returns (N,) int64 token ids; a token with zero mass is never returned.
+    """
+    cdf = probs.cumsum(-1)  # (N, V)
+    target = uniforms[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+def truncate_at_stop(
+    previous: list[int], new: list[int], params: SamplingParams, eos_ids: Sequence[int],
+    decode: Callable[[list[int]], str] | None,
+) -> tuple[list[int], str | None, int | str | None]:
+    """Cut ``new`` tokens (appended to the completion ``previous``) at the first stop condition.
+
+    Checked per token in order: a stop token id (kept in the output), a stop string completed
+    in the decoded completion (the token completing it is kept; trim the text yourself at
+    ``stop_reason``), ``max_tokens``. Returns (kept new tokens, finish_reason "stop"/"length"
+    or None, stop_reason: the stop token id or string, else None).
+    """
+    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+    string_hit = _first_stop_string(previous, new, params.stop, decode)
+    for j, tok in enumerate(new):
+        if tok in stop_ids:
+            return new[: j + 1], "stop", tok
+        if string_hit is not None and j == string_hit[0]:
+            return new[: j + 1], "stop", string_hit[1]
+        if len(previous) + j + 1 >= params.max_tokens:
+            return new[: j + 1], "length", None
+    return new, None, None
+
+
+def _first_stop_string(previous: list[int], new: list[int], stops: list[str],
+                       decode: Callable[[list[int]], str] | None) -> tuple[int, str] | None:
+    """(index into ``new`` of the token completing a stop string, the string), or None."""
+    if not stops or not new:
+        return None
+    if decode is None:
+        raise ValueError("SamplingParams.stop needs a tokenizer: give the Engine one, or put a "
+                         "tokenizer next to the model's config.json")
+    if not any(s in decode(previous + new) for s in stops):
+        return None
+    for j in range(len(new)):
+        text = decode(previous + new[: j + 1])
+        hits = [s for s in stops if s in text]
+        if hits:
+            return j, min(hits, key=text.find)
+    return None
