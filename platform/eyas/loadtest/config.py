@@ -1,0 +1,112 @@
+"""Configuration of a load test: which endpoints, which load points, which prompts, which SLOs.
+
+A load test sweeps *points*: first every closed-loop concurrency in ``concurrencies`` (exactly C
+requests in flight), then every open-loop Poisson rate in ``request_rates`` (requests/s). At
+each point every endpoint is measured in turn, in the order given, with the same prompts in the
+same order (and, for rates, the same seeded arrival schedule), so the first endpoint is the
+baseline the others are compared with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from eyas.config import StrictModel
+
+
+class EndpointConfig(StrictModel):
+    """One OpenAI-compatible server to measure."""
+
+    name: str = Field(min_length=1, description="label in tables and plots, e.g. baseline, eagle3")
+    url: str = Field(description="base URL: http://host:8000 or http://host:8000/v1")
+    model: str = Field(description="the `model` field sent with every request")
+    api_key_env: str | None = Field(
+        default=None, description="name of the environment variable holding the bearer token")
+
+
+class WorkloadConfig(StrictModel):
+    """Where prompts come from.
+
+    ``input_len``, ``prefix_len`` and ``output_len`` count *words* for the synthetic kinds: the
+    load test has no tokenizer, and a random English-like word is one to two tokens.
+    """
+
+    kind: Literal["prompts_file", "random", "shared_prefix"] = "random"
+    path: str | None = Field(
+        default=None, description="prompts_file: .jsonl/.json/.parquet with prompt|text|messages")
+    input_len: int = Field(default=128, ge=1, description="random/shared_prefix: words per prompt")
+    prefix_len: int = Field(default=0, ge=0, description="shared_prefix: words shared by all")
+    output_len: int | None = Field(
+        default=None, ge=1, description="max_tokens per request; overrides the top-level max_tokens")
+    num_prompts: int = Field(default=256, ge=1, description="prompts generated or read (at most)")
+    chat: bool = Field(default=True, description="/v1/chat/completions (true) or /v1/completions")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> WorkloadConfig:
+        if self.kind == "prompts_file" and not self.path:
+            raise ValueError("workload.kind=prompts_file needs workload.path (a local path or URI)")
+        if self.kind == "shared_prefix" and self.prefix_len < 1:
+            raise ValueError("workload.kind=shared_prefix needs workload.prefix_len >= 1")
+        return self
+
+
+class SLOConfig(StrictModel):
+    """Service-level objectives for goodput; an unset bound always passes."""
+
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+
+
+class LoadTestConfig(StrictModel):
+    """A whole sweep: endpoints x (concurrencies + request_rates)."""
+
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+    concurrencies: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    request_rates: list[float] = Field(default_factory=list, description="Poisson, requests/s")
+    requests_per_point: int | None = Field(default=128, ge=1)
+    duration_s: float | None = Field(
+        default=None, gt=0, description="stop issuing after this long (with requests_per_point: "
+        "whichever comes first); requests in flight at the deadline still finish and count")
+    warmup_requests: int | None = Field(
+        default=None, ge=0, description="per endpoint and point, never counted; None: one per "
+        "lane (= C) at closed-loop points, 8 at rate points")
+    ramp_up_s: float = Field(
+        default=0.0, ge=0, description="closed loop: lane starts spread evenly over this long "
+        "(0: all start together, as SGLang's bench_serving does)")
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    ignore_eos: bool = Field(default=False, description="send ignore_eos (SGLang/vLLM only)")
+    continuous_usage_stats: bool = Field(
+        default=False, description="ask for usage in every chunk (vLLM/SGLang stream_options "
+        "extension): exact tokens per chunk for ITL")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="merged into each body")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    output: str = Field(description="result directory: a local path, s3:// or gs://")
+    num_client_actors: int = Field(default=2, ge=1, description="Ray actors generating load")
+    client_actor_cpus: float = Field(default=1.0, ge=0)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_points(self) -> LoadTestConfig:
+        if not self.concurrencies and not self.request_rates:
+            raise ValueError("set concurrencies and/or request_rates: there is no load point")
+        if any(c < 1 for c in self.concurrencies):
+            raise ValueError(f"concurrencies must all be >= 1, got {self.concurrencies}")
+        if any(r <= 0 for r in self.request_rates):
+            raise ValueError(f"request_rates must all be > 0 (requests/s), got {self.request_rates}")
+        if self.requests_per_point is None and self.duration_s is None:
+            raise ValueError("set requests_per_point and/or duration_s: a point would never end")
+        names = [e.name for e in self.endpoints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"endpoint names must be unique, got {names}")
+        return self
+
+    @property
+    def request_max_tokens(self) -> int:
+        """max_tokens sent with every request (the workload's output_len wins when set)."""
+        return self.workload.output_len or self.max_tokens
