@@ -31,6 +31,15 @@ class StrictModel(BaseModel):
 M = TypeVar("M", bound=StrictModel)
 
 
+class RunConfig(StrictModel):
+    """Where and how a job runs (the ``run:`` section of every job config)."""
+
+    ray_address: str | None = None  # None: a running cluster if there is one, else a local Ray
+    num_cpus: int | None = None  # only for a local Ray started by the job
+    output: str  # the stage's artifact URI (local path, s3://, gs://)
+    force: bool = False  # rerun even when a finished artifact with the same config exists
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into its key path and a YAML-parsed value (``3``, ``true``, ``[1,2]``)."""
     key, sep, raw = item.partition("=")

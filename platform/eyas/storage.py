@@ -9,6 +9,7 @@ GCS filesystem with the usual Google credentials.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
@@ -115,6 +116,20 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(scheme + f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
+
+
+def expand(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """A file, a directory (its files with one of ``suffixes``, recursively) or a glob
+    (``*``/``?``/``[]`` in the last parts) -> sorted URIs. Nothing found is an error naming the URI."""
+    if not any(ch in uri for ch in "*?["):
+        found = list_files(uri) if exists(uri) else []
+        found = found if found == [uri] else [f for f in found if f.endswith(suffixes)]
+    else:
+        base = uri[: min(uri.index(ch) for ch in "*?[" if ch in uri)].rsplit("/", 1)[0]
+        found = [f for f in list_files(base) if fnmatch.fnmatchcase(f, uri)]
+    if not found:
+        raise ArtifactError(f"{uri}: no such file, or no {'/'.join(suffixes)} files there. Check the path.")
+    return found
 
 
 def delete_dir(uri: str) -> None:

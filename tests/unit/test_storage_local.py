@@ -51,3 +51,15 @@ def test_list_files_recursive_and_suffix(tmp_path):
 def test_unsupported_scheme_is_an_error():
     with pytest.raises(ArtifactError, match="unsupported storage URI"):
         storage.resolve("ftp://x/y")
+
+
+def test_expand_file_dir_and_glob(tmp_path):
+    for name in ("d/a.jsonl", "d/b.json", "d/c.txt", "d/sub/e.parquet"):
+        storage.write_bytes(str(tmp_path / name), b"x")
+    exts = (".jsonl", ".json", ".parquet")
+    assert storage.expand(str(tmp_path / "d/a.jsonl"), exts) == [str(tmp_path / "d/a.jsonl")]
+    names = [f.rsplit("/", 1)[1] for f in storage.expand(str(tmp_path / "d"), exts)]
+    assert names == ["a.jsonl", "b.json", "e.parquet"]
+    assert storage.expand(str(tmp_path / "d/*.json*"), exts) == [str(tmp_path / "d/a.jsonl"), str(tmp_path / "d/b.json")]
+    with pytest.raises(ArtifactError, match="no such file"):
+        storage.expand(str(tmp_path / "nothing/*.json"), exts)

@@ -1,0 +1,33 @@
+"""The data stage: prompts -> compliant, on-policy, tokenized chat data.
+
+    python jobs/prepare_data.py                                   # embedded default (local Ray)
+    ray job submit --working-dir . -- python jobs/prepare_data.py \\
+        --config jobs/configs/prepare_data_llama31_8b.yaml run.output=s3://bucket/data
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
+
+from eyas.config import parse_job_args  # noqa: E402
+from eyas.data.config import DataJobConfig  # noqa: E402
+from eyas.data.pipeline import run_data_stage  # noqa: E402
+from eyas.runtime import init_ray  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "prepare_data.yaml")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_job_args(DataJobConfig, "eyas data stage", DEFAULT_CONFIG, argv)
+    init_ray(cfg.run)
+    manifest = run_data_stage(cfg)
+    print(json.dumps({k: manifest[k] for k in ("counts", "pii", "tokens", "timings", "outputs")}, indent=2))
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The data stage: prompts -> validated, PII-scrubbed, regenerated, tokenized conversations."""

@@ -1,0 +1,73 @@
+"""Configuration of the data stage (``jobs/prepare_data.py``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from eyas.config import RunConfig, StrictModel
+from eyas.pii.config import PiiConfig
+
+SourceFormat = Literal["auto", "sharegpt", "messages", "alpaca", "mt_bench", "prompt"]
+
+
+class SourceConfig(StrictModel):
+    """One prompt dataset: a file, a glob, or a directory; local, ``s3://`` or ``gs://``."""
+
+    path: str
+    name: str = ""  # recorded as each row's source; defaults to the file's stem
+    format: SourceFormat = "auto"
+    limit: int | None = Field(default=None, ge=1)  # at most this many records from this source
+
+
+class GenerationConfig(StrictModel):
+    """Regenerating the assistant replies with the target itself (on-policy data)."""
+
+    mode: Literal["regenerate", "keep"] = "regenerate"  # keep = use the dataset's own replies
+    engine: Literal["hf", "sglang"] = "hf"
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    keep_truncated: bool = True  # keep replies cut by max_new_tokens (counted either way)
+    batch_size: int = Field(default=16, ge=1)
+    num_actors: int = Field(default=1, ge=1)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
+    num_cpus_per_actor: float = Field(default=1.0, ge=0.0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tp_size: int = Field(default=1, ge=1)  # sglang tensor parallel size
+    mem_fraction_static: float | None = Field(default=None, gt=0.0, lt=1.0)  # sglang
+
+
+class DataConfig(StrictModel):
+    """Prompts -> validated, PII-scrubbed, regenerated, templated and tokenized conversations."""
+
+    target: str = "assets:models/stories260k"  # HF model dir (tokenizer + chat template + weights)
+    tokenizer: str | None = None  # defaults to target
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [
+            SourceConfig(path="assets:datasets/sft/fastchat_dummy_conversation.json", limit=64),
+            SourceConfig(path="assets:datasets/prompts/mt_bench_question.jsonl", limit=32),
+            SourceConfig(path="assets:datasets/sft/llamafactory_alpaca_en_demo.json", limit=64),
+        ]
+    )
+    max_length: int = Field(default=512, ge=8)  # tokens per conversation; longer ones are quarantined
+    pii: PiiConfig = PiiConfig()
+    generation: GenerationConfig = GenerationConfig()
+    batch_size: int = Field(default=32, ge=1)  # rows per batch for validation, PII and tokenization
+    pii_actors: int = Field(default=1, ge=1)
+    rows_per_shard: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _sources_present(self) -> DataConfig:
+        if not self.sources:
+            raise ValueError("data.sources is empty: name at least one prompt dataset")
+        return self
+
+
+class DataJobConfig(StrictModel):
+    """The data job's whole configuration."""
+
+    run: RunConfig = RunConfig(output="artifacts/data")
+    data: DataConfig = DataConfig()

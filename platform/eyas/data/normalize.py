@@ -1,0 +1,165 @@
+"""Reading prompt files and normalizing their records to one conversation schema.
+
+Every record becomes a row ``{id, source, messages_json, status, reason, detail, raw_json}``.
+``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str | None}``;
+``content=None`` on an assistant turn marks a reply still to be generated (MT-bench and plain
+prompt datasets carry no replies). ``status`` is ``ok`` or ``quarantined``; a quarantined row
+keeps its raw record and a reason code so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import PurePosixPath
+from typing import Any
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+MESSAGE_ROLES = {"system", "user", "assistant"}
+PROMPT_KEYS = ("prompt", "question", "text")
+ID_KEYS = ("id", "question_id", "conversation_id", "uuid")
+
+
+class RecordError(ValueError):
+    """A record cannot be normalized; ``code`` is the quarantine reason."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+def parse_file(data: bytes, path: str) -> list[Any]:
+    """Decode one file into its records: ``.jsonl`` (one JSON per line), ``.json`` (a list, or one
+    object), ``.parquet``. A JSONL line that is not JSON becomes a ``{"__unparsable__": line}``
+    record so the caller can quarantine it with its line number."""
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    text = data.decode("utf-8")
+    if suffix == ".jsonl":
+        return [_parse_line(line, i) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if suffix == ".json":
+        obj = json.loads(text)
+        return obj if isinstance(obj, list) else [obj]
+    raise RecordError("unsupported_file", f"{path}: expected .jsonl, .json or .parquet")
+
+
+def _parse_line(line: str, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"__unparsable__": line[:2000], "__line__": lineno + 1, "__error__": str(exc)}
+
+
+def check_object(record: Any) -> None:
+    """Reject what is not a JSON object (or a JSONL line that did not parse)."""
+    if not isinstance(record, dict):
+        raise RecordError("unknown_shape", f"record is a {type(record).__name__}, not an object")
+    if "__unparsable__" in record:
+        raise RecordError("invalid_json", f"line {record['__line__']}: {record['__error__']}")
+
+
+def detect_format(record: dict) -> str:
+    """Name the shape of one record (see ``SourceFormat``)."""
+    for key, fmt in (("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca"),
+                     ("turns", "mt_bench")):
+        if key in record:
+            return fmt
+    if any(key in record for key in PROMPT_KEYS):
+        return "prompt"
+    raise RecordError("unknown_shape", f"no conversations/messages/instruction/turns/prompt key in {sorted(record)[:8]}")
+
+
+def _turns_to_messages(turns: Any, key: str) -> list[dict[str, Any]]:
+    """User turns each followed by a reply slot to be generated."""
+    if not isinstance(turns, list):
+        raise RecordError("non_string_content", f"{key} is a {type(turns).__name__}, not a list")
+    out: list[dict[str, Any]] = []
+    for turn in turns:
+        out += [{"role": "user", "content": turn}, {"role": "assistant", "content": None}]
+    return out
+
+
+def _sharegpt(record: dict) -> list[dict[str, Any]]:
+    convs = record["conversations"]
+    if not isinstance(convs, list):
+        raise RecordError("unknown_shape", "conversations is not a list")
+    out = []
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise RecordError("unknown_shape", f"conversations[{i}] has no 'from'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise RecordError("unknown_role", f"conversations[{i}].from={turn['from']!r}")
+        out.append({"role": role, "content": turn.get("value")})
+    return out
+
+
+def _messages(record: dict) -> list[dict[str, Any]]:
+    msgs = record["messages"]
+    if not isinstance(msgs, list):
+        raise RecordError("unknown_shape", "messages is not a list")
+    out = []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise RecordError("unknown_shape", f"messages[{i}] has no 'role'")
+        if msg["role"] not in MESSAGE_ROLES:
+            raise RecordError("unknown_role", f"messages[{i}].role={msg['role']!r}")
+        out.append({"role": msg["role"], "content": msg.get("content")})
+    return out
+
+
+def _alpaca(record: dict) -> list[dict[str, Any]]:
+    instruction, extra = record.get("instruction"), record.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(extra, str):
+        raise RecordError("non_string_content", "instruction/input must be strings")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    reply = record.get("output")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply or None}]
+
+
+def _prompt(record: dict) -> list[dict[str, Any]]:
+    key = next(k for k in PROMPT_KEYS if k in record)
+    return [{"role": "user", "content": record[key]}, {"role": "assistant", "content": None}]
+
+
+def _mt_bench(record: dict) -> list[dict[str, Any]]:
+    return _turns_to_messages(record["turns"], "turns")
+
+
+CONVERTERS = {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca, "mt_bench": _mt_bench,
+              "prompt": _prompt}
+
+
+def record_id(source: str, record: Any, index: int) -> str:
+    """Stable id: the record's own id when it has one, else a hash of its content."""
+    if isinstance(record, dict):
+        for key in ID_KEYS:
+            if record.get(key) not in (None, ""):
+                return f"{source}:{record[key]}"
+    blob = json.dumps(record, sort_keys=True, default=str).encode()
+    return f"{source}:{index}-{hashlib.sha1(blob).hexdigest()[:10]}"
+
+
+def normalize_record(record: Any, source: str, index: int, fmt: str = "auto") -> dict[str, Any]:
+    """One raw record -> one row (``status`` ok or quarantined, never an exception)."""
+    row = {"id": record_id(source, record, index), "source": source, "messages_json": "",
+           "status": "ok", "reason": "", "detail": "", "raw_json": ""}
+    try:
+        check_object(record)
+        shape = detect_format(record) if fmt == "auto" else fmt
+        row["messages_json"] = json.dumps(CONVERTERS[shape](record), ensure_ascii=False)
+    except (RecordError, KeyError) as exc:  # KeyError: a forced format's key is missing
+        code, detail = (exc.code, exc.detail) if isinstance(exc, RecordError) else ("unknown_shape", repr(exc))
+        row.update(status="quarantined", reason=code, detail=detail,
+                   raw_json=json.dumps(record, ensure_ascii=False, default=str)[:20000])
+    return row
+
+
+def source_name(path: str, configured: str) -> str:
+    """The configured source name, else the file stem."""
+    return configured or PurePosixPath(path).stem

@@ -1,0 +1,140 @@
+"""The data stage end to end on Ray Data: read -> validate -> PII -> regenerate -> template -> write.
+
+Artifact layout (``run.output``)::
+
+    data/*.parquet        id, source, input_ids, loss_mask, num_tokens, num_loss_tokens,
+                          messages_json (the final text conversation), finish_reasons
+    quarantine/*.parquet  id, source, status, reason, detail, raw_json (every row not kept)
+    pii_report.json       hits per info type, conversations redacted / dropped (no values)
+    manifest.json         written last: config, inputs, counts, tokens, timings, versions
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from eyas import storage
+from eyas.assets import resolve_asset
+from eyas.config import config_hash
+from eyas.data.config import DataConfig, DataJobConfig
+from eyas.data.stages import PiiScrubber, Regenerator, Templater, Validator, read_file_rows
+
+PROMPT_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_COLUMNS = ["id", "source", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "messages_json",
+                "finish_reasons"]
+QUARANTINE_COLUMNS = ["id", "source", "status", "reason", "detail", "raw_json"]
+LIGHT_CPUS = 0.25  # tokenizer/regex steps: let them share cores with the generation actors
+SUMMARY_COLUMNS = ["status", "reason", "pii_hits_json", "generated_tokens", "finish_reasons", "num_tokens",
+                   "num_loss_tokens"]
+
+
+def source_files(cfg: DataConfig) -> list[tuple[Any, list[str]]]:
+    """Each configured source with its expanded file URIs."""
+    out = []
+    for i, src in enumerate(cfg.sources):
+        uri = resolve_asset(src.path, f"data.sources[{i}].path")
+        try:
+            out.append((src, storage.expand(uri, PROMPT_SUFFIXES)))
+        except storage.ArtifactError as exc:
+            raise storage.ArtifactError(f"data.sources[{i}].path: {exc}") from None
+    return out
+
+
+def read_sources(cfg: DataConfig) -> Any:
+    """One Ray dataset of normalized rows over every source file."""
+    import ray.data
+
+    from eyas.data.normalize import source_name
+
+    parts = []
+    for src, files in source_files(cfg):
+        fs, _ = storage.resolve(files[0])
+        paths = [storage.resolve(f)[1] for f in files]
+        for path in paths:
+            name = source_name(path, src.name)
+            ds = ray.data.read_binary_files([path], filesystem=fs, include_paths=True, num_cpus=LIGHT_CPUS)
+            parts.append(ds.flat_map(read_file_rows, fn_args=(name, src.format, src.limit), num_cpus=LIGHT_CPUS))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def build_dataset(cfg: DataConfig) -> Any:
+    """The lazy pipeline; nothing runs until it is materialized."""
+    import ray.data
+
+    ds = read_sources(cfg)
+    common = {"batch_size": cfg.batch_size, "batch_format": "pyarrow", "fn_constructor_args": (cfg,)}
+    light = {**common, "num_cpus": LIGHT_CPUS}
+    ds = ds.map_batches(Validator, compute=ray.data.ActorPoolStrategy(size=1), **light)
+    if cfg.pii.backend != "none":
+        ds = ds.map_batches(PiiScrubber, compute=ray.data.ActorPoolStrategy(size=cfg.pii_actors), **light)
+    gen = cfg.generation
+    if gen.mode == "regenerate":
+        ds = ds.map_batches(Regenerator, compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
+                            num_gpus=gen.num_gpus_per_actor, num_cpus=gen.num_cpus_per_actor,
+                            **{**common, "batch_size": gen.batch_size})
+    return ds.map_batches(Templater, compute=ray.data.ActorPoolStrategy(size=1), **light)
+
+
+def summarize(ds: Any) -> dict[str, Any]:
+    """Counts per status and reason, PII hits, tokens and finish reasons over the materialized rows."""
+    reasons: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    hits: Counter[str] = Counter()
+    finish: Counter[str] = Counter()
+    tokens = {"total": 0, "loss": 0, "generated": 0}
+    redacted = 0
+    for batch in ds.select_columns(SUMMARY_COLUMNS).iter_batches(batch_format="pyarrow", batch_size=4096):
+        for row in batch.to_pylist():
+            status[row["status"]] += 1
+            if row["status"] != "ok":
+                reasons[row["reason"]] += 1
+            row_hits = json.loads(row["pii_hits_json"])
+            hits.update(row_hits)
+            redacted += bool(row_hits) and row["status"] == "ok"
+            finish.update(r for r in row["finish_reasons"].split(",") if r)
+            tokens["generated"] += row["generated_tokens"]
+            if row["status"] == "ok":
+                tokens["total"] += row["num_tokens"]
+                tokens["loss"] += row["num_loss_tokens"]
+    counts = {"read": sum(status.values()), "kept": status["ok"], "quarantined": status["quarantined"],
+              "filtered": status["filtered"], "by_reason": dict(sorted(reasons.items()))}
+    pii = {"hits": dict(sorted(hits.items())), "conversations_redacted": redacted,
+           "conversations_dropped": reasons["pii_drop"]}
+    return {"counts": counts, "pii": pii, "tokens": tokens, "finish_reasons": dict(finish)}
+
+
+def write_outputs(ds: Any, out: storage.Artifact, rows_per_shard: int) -> dict[str, str]:
+    """Kept rows to ``data/``, everything else to ``quarantine/`` (both Parquet)."""
+    outputs = {"data": out.path("data"), "quarantine": out.path("quarantine")}
+    from ray.data.expressions import col
+
+    kept = ds.filter(expr=col("status") == "ok").select_columns(DATA_COLUMNS)
+    rest = ds.filter(expr=col("status") != "ok").select_columns(QUARANTINE_COLUMNS)
+    for part, uri in ((kept, outputs["data"]), (rest, outputs["quarantine"])):
+        fs, path = storage.resolve(uri)
+        part.write_parquet(path, filesystem=fs, max_rows_per_file=rows_per_shard)
+    return outputs
+
+
+def run_data_stage(job: DataJobConfig) -> dict[str, Any]:
+    """Run (or skip, when finished with the same config) the data stage; return its manifest."""
+    out = storage.Artifact(job.run.output)
+    digest = config_hash(job.data)
+    if not out.prepare(digest, job.run.force):
+        print(f"data stage: {out.uri} is complete for this config; skipping (run.force=true reruns it)")
+        return out.manifest()
+    start = time.perf_counter()
+    inputs = [f for _, files in source_files(job.data) for f in files]
+    ds = build_dataset(job.data).materialize()
+    summary = summarize(ds)
+    outputs = write_outputs(ds, out, job.data.rows_per_shard)
+    outputs["pii_report"] = out.path("pii_report.json")
+    storage.write_json(outputs["pii_report"], {"backend": job.data.pii.backend, **summary["pii"]})
+    elapsed = time.perf_counter() - start
+    summary["timings"] = {"total_s": round(elapsed, 2),
+                          "generated_tokens_per_s": round(summary["tokens"]["generated"] / elapsed, 2)}
+    return out.write_manifest("data", job.data.model_dump(mode="json"), digest, inputs=inputs,
+                              outputs=outputs, **summary)

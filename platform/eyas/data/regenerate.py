@@ -1,0 +1,186 @@
+"""Regenerating assistant replies with the target model itself (on-policy data).
+
+Two backends share one interface, ``generate(prompts) -> generations``: transformers (CPU or
+GPU) and SGLang (GPU nodes, imported lazily). ``regenerate`` walks multi-turn conversations turn
+by turn, so every reply is generated on top of the already regenerated history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eyas.data.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated reply: its text, token count and why it ended ("stop", "length" or "abort")."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompts: list[list[int]]) -> list[Generation]: ...
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Every id that ends a reply: the tokenizer's eos plus the model's generation config eos."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
+    if not ids:
+        raise ValueError("the target's tokenizer and generation config define no eos token: set one")
+    return sorted(ids)
+
+
+def finish_generation(new_ids: list[int], eos: list[int], tokenizer: Any) -> Generation:
+    """Cut generated ids at the first eos; "stop" when one was produced, else "length".
+    The eos token counts as generated (the target produced it) but is not part of the text."""
+    stop = next((i for i, t in enumerate(new_ids) if t in eos), None)
+    kept = new_ids if stop is None else new_ids[:stop]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generation(text=text, num_tokens=len(kept) + (stop is not None),
+                      finish_reason="length" if stop is None else "stop")
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+class HFBackend:
+    """transformers ``generate`` over left-padded batches; one model per actor."""
+
+    def __init__(self, model_path: str, tokenizer: Any, cfg: GenerationConfig):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        on_gpu = cfg.num_gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = "cuda" if on_gpu else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, on_gpu))
+        self.model.to(self.device).eval()
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.eos = eos_token_ids(tokenizer, self.model.generation_config)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.calls = 0
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def _batch(self, prompts: list[list[int]]) -> tuple[Any, Any]:
+        """Left-pad prompts: (B, T) ids and attention mask."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def generate(self, prompts: list[list[int]]) -> list[Generation]:
+        """Generate for every prompt; a prompt that already fills the target's context gets an
+        empty "length" reply (the stage then filters the conversation, counted)."""
+        room = [self.max_positions - len(p) for p in prompts]
+        live = [i for i, r in enumerate(room) if r > 0]
+        out = [Generation("", 0, "length")] * len(prompts)
+        if live:
+            rooms = [min(self.cfg.max_new_tokens, room[i]) for i in live]
+            for i, gen in zip(live, self._generate([prompts[i] for i in live], rooms), strict=True):
+                out[i] = gen
+        return out
+
+    def _generate(self, prompts: list[list[int]], rooms: list[int]) -> list[Generation]:
+        """One batched ``generate``; row i keeps at most ``rooms[i]`` new tokens (its context's end)."""
+        import torch
+
+        ids, mask = self._batch(prompts)
+        torch.manual_seed(self.cfg.seed + self.calls)  # reproducible sampling per call
+        self.calls += 1
+        sample = self.cfg.temperature > 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max(rooms),
+                do_sample=sample, temperature=self.cfg.temperature if sample else None,
+                top_p=self.cfg.top_p if sample else None, top_k=None,
+                eos_token_id=self.eos, pad_token_id=self.pad)
+        new = out[:, ids.shape[1]:].tolist()
+        return [finish_generation(row[:room], self.eos, self.tokenizer) for row, room in zip(new, rooms, strict=True)]
+
+
+def sglang_engine_kwargs(model_path: str, cfg: GenerationConfig) -> dict[str, Any]:
+    """Arguments for ``sglang.Engine`` built from the generation config."""
+    kwargs: dict[str, Any] = {"model_path": model_path, "tp_size": cfg.tp_size, "random_seed": cfg.seed,
+                              "dtype": "auto" if cfg.dtype == "auto" else cfg.dtype, "log_level": "warning"}
+    if cfg.mem_fraction_static is not None:
+        kwargs["mem_fraction_static"] = cfg.mem_fraction_static
+    return kwargs
+
+
+def sglang_sampling_params(cfg: GenerationConfig) -> dict[str, Any]:
+    """SGLang sampling params (greedy when temperature is 0)."""
+    return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+
+
+def sglang_generation(out: dict[str, Any]) -> Generation:
+    """One ``sglang.Engine.generate`` output dict -> ``Generation``."""
+    meta = out.get("meta_info", {})
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type", "length") if isinstance(reason, dict) else str(reason)
+    return Generation(text=out["text"], num_tokens=int(meta.get("completion_tokens", 0)),
+                      finish_reason=kind if kind in ("stop", "length", "abort") else "length")
+
+
+class SGLangBackend:
+    """``sglang.Engine`` in this actor (GPU nodes only; imported here, not at module load)."""
+
+    def __init__(self, model_path: str, tokenizer: Any, cfg: GenerationConfig):
+        try:
+            import sglang
+        except ImportError as exc:
+            raise RuntimeError("data.generation.engine=sglang needs the sglang extra on GPU nodes "
+                               "(pip install 'eyas[sglang]'); use engine=hf on CPU") from exc
+        self.engine = sglang.Engine(**sglang_engine_kwargs(model_path, cfg))
+        self.params = sglang_sampling_params(cfg)
+
+    def generate(self, prompts: list[list[int]]) -> list[Generation]:
+        outs = self.engine.generate(input_ids=prompts, sampling_params=self.params)
+        return [sglang_generation(o) for o in outs]
+
+
+BACKENDS: dict[str, Callable[..., GenerationBackend]] = {"hf": HFBackend, "sglang": SGLangBackend}
+
+
+@dataclass
+class Regenerated:
+    """A conversation after regeneration, with one finish reason per generated turn."""
+
+    messages: list[dict[str, Any]]
+    finish_reasons: list[str]
+    generated_tokens: int
+
+
+def regenerate(conversations: list[list[dict[str, Any]]], backend: GenerationBackend,
+               prompt_ids: Callable[[list[dict[str, Any]]], list[int]]) -> list[Regenerated]:
+    """Fill every ``content=None`` assistant slot, turn by turn across the batch.
+
+    ``prompt_ids(history)`` renders a history ending on a user turn plus the generation prompt.
+    Round r generates the r-th reply of every conversation that has one, in one batched call.
+    """
+    results = [Regenerated([dict(m) for m in conv], [], 0) for conv in conversations]
+    while True:
+        pending = [(res, next(i for i, m in enumerate(res.messages) if m["content"] is None))
+                   for res in results if any(m["content"] is None for m in res.messages)]
+        if not pending:
+            return results
+        gens = backend.generate([prompt_ids(res.messages[:slot]) for res, slot in pending])
+        for (res, slot), gen in zip(pending, gens, strict=True):
+            res.messages[slot]["content"] = gen.text
+            res.finish_reasons.append(gen.finish_reason)
+            res.generated_tokens += gen.num_tokens

@@ -1,0 +1,230 @@
+"""The data stage's per-batch steps, as Ray Data callable classes.
+
+Each class does its heavy setup (tokenizer, detector, model) in ``__init__`` and transforms a
+``pyarrow.Table`` batch in ``__call__``. Rows carry a ``status``: ``ok`` rows are processed,
+``quarantined`` (bad input) and ``filtered`` (policy) rows pass through untouched with their
+reason, so the stage can count and write every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from eyas import metrics
+from eyas.assets import resolve_model_path
+from eyas.data.config import DataConfig
+from eyas.data.normalize import RecordError, normalize_record, parse_file
+from eyas.data.validate import validate_messages
+
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("messages_json", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("raw_json", pa.string()),
+    ("pii_hits_json", pa.string()), ("generated_tokens", pa.int64()), ("finish_reasons", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
+    ("num_tokens", pa.int32()), ("num_loss_tokens", pa.int32()),
+])
+DEFAULTS: dict[str, Any] = {"messages_json": "", "status": "ok", "reason": "", "detail": "", "raw_json": "",
+                            "pii_hits_json": "{}", "generated_tokens": 0, "finish_reasons": "",
+                            "input_ids": [], "loss_mask": [], "num_tokens": 0, "num_loss_tokens": 0}
+
+
+def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> a table with the fixed schema (missing columns get their defaults)."""
+    return pa.Table.from_pylist([{**DEFAULTS, **r} for r in rows], schema=ROW_SCHEMA)
+
+
+def set_status(row: dict[str, Any], status: str, reason: str, detail: str) -> None:
+    """Mark a row quarantined/filtered, keeping what it held so it can be written with its reason."""
+    if not row["raw_json"]:
+        row["raw_json"] = row["messages_json"]
+    row.update(status=status, reason=reason, detail=detail)
+
+
+def messages_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return json.loads(row["messages_json"])
+
+
+def count_rows(stage: str, rows: list[dict[str, Any]]) -> None:
+    for status in ("ok", "quarantined", "filtered"):
+        metrics.inc("eyas_data_rows_total", sum(r["status"] == status for r in rows),
+                    "rows leaving each data step, by status", step=stage, status=status)
+
+
+def read_file_rows(item: dict[str, Any], source: str, fmt: str, limit: int | None) -> list[dict[str, Any]]:
+    """``read_binary_files`` row {bytes, path} -> normalized rows of that file (at most ``limit``)."""
+    try:
+        records = parse_file(item["bytes"], item["path"])
+    except (RecordError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read prompt file {item['path']} (source {source!r}): {exc}. "
+                         f"Fix the file or remove it from data.sources.") from exc
+    records = records[:limit] if limit else records
+    rows = [normalize_record(rec, source, i, fmt) for i, rec in enumerate(records)]
+    metrics.inc("eyas_data_rows_read_total", len(rows), "records read from prompt files", source=source)
+    return rows
+
+
+def load_tokenizer_for(cfg: DataConfig) -> tuple[Any, str]:
+    from eyas.data.chat import load_tokenizer
+
+    key = "data.tokenizer" if cfg.tokenizer else "data.target"
+    path = resolve_model_path(cfg.tokenizer or cfg.target, key)
+    return load_tokenizer(path), path
+
+
+def fill_slots(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A one-word stand-in for replies still to be generated, so the template can be tried and
+    the prompt side counted before any generation is spent."""
+    return [{**m, "content": "ok" if m["content"] is None else m["content"]} for m in messages]
+
+
+class Validator:
+    """Structure checks, then a trial rendering with the target's template to catch template
+    errors and conversations that cannot fit ``max_length`` before any generation is spent."""
+
+    def __init__(self, cfg: DataConfig):
+        from eyas.data.chat import ChatTemplateError, tokenize_conversation
+
+        self.cfg, self.regenerate = cfg, cfg.generation.mode == "regenerate"
+        self.tokenizer, self.template_name = load_tokenizer_for(cfg)
+        self.tokenize, self.template_error = tokenize_conversation, ChatTemplateError
+
+    def check(self, row: dict[str, Any]) -> None:
+        messages = validate_messages(messages_of(row), self.regenerate)
+        row["messages_json"] = json.dumps(messages, ensure_ascii=False)
+        try:
+            n = self.tokenize(self.tokenizer, fill_slots(messages), self.template_name).num_tokens
+        except self.template_error as exc:
+            raise RecordError("template_error", str(exc)) from exc
+        if n > self.cfg.max_length:
+            raise RecordError("too_long", f"{n} tokens before any reply > data.max_length={self.cfg.max_length}")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = to_rows(batch)
+        for row in rows:
+            if row["status"] == "ok":
+                try:
+                    self.check(row)
+                except RecordError as exc:
+                    set_status(row, "quarantined", exc.code, exc.detail)
+        count_rows("validate", rows)
+        return to_table(rows)
+
+
+class PiiScrubber:
+    """Detect PII in every text of the batch in one backend call; redact or drop by policy.
+
+    A dropped conversation is written to quarantine with its info types only: its text is
+    removed so no raw PII leaves the dataset."""
+
+    def __init__(self, cfg: DataConfig):
+        from eyas.pii.base import build_backend
+
+        self.cfg, self.backend = cfg, build_backend(cfg.pii)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from eyas.pii.base import scrub_conversations
+
+        rows = to_rows(batch)
+        live = [r for r in rows if r["status"] == "ok"]
+        if self.backend is not None and live:
+            convs = [messages_of(r) for r in live]
+            texts = [[m for m in c if m["content"] is not None] for c in convs]
+            for row, conv, result in zip(live, convs, scrub_conversations(texts, self.backend, self.cfg.pii), strict=True):
+                self._apply(row, conv, result)
+        count_rows("pii", rows)
+        return to_table(rows)
+
+    def _apply(self, row: dict[str, Any], conv: list[dict[str, Any]], result: Any) -> None:
+        row["pii_hits_json"] = json.dumps(result.hits)
+        for info_type, n in result.hits.items():
+            metrics.inc("eyas_data_pii_hits_total", n, "PII findings by info type", info_type=info_type)
+        if result.dropped:
+            row.update(status="filtered", reason="pii_drop", detail=result.reason, messages_json="", raw_json="")
+            return
+        redacted = iter(result.messages)
+        merged = [m if m["content"] is None else next(redacted) for m in conv]
+        row["messages_json"] = json.dumps(merged, ensure_ascii=False)
+
+
+class Regenerator:
+    """Replace every assistant reply with the target's own, turn by turn (see ``regenerate``)."""
+
+    def __init__(self, cfg: DataConfig):
+        from eyas.data.chat import generation_prompt_ids
+        from eyas.data.regenerate import BACKENDS
+
+        self.cfg = cfg.generation
+        self.tokenizer, _ = load_tokenizer_for(cfg)
+        model_path = resolve_model_path(cfg.target, "data.target")
+        self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)
+        self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from eyas.data.regenerate import regenerate
+
+        rows = to_rows(batch)
+        live = [r for r in rows if r["status"] == "ok"]
+        start = time.perf_counter()
+        results = regenerate([messages_of(r) for r in live], self.backend, self.prompt_ids) if live else []
+        for row, res in zip(live, results, strict=True):
+            row.update(messages_json=json.dumps(res.messages, ensure_ascii=False),
+                       finish_reasons=",".join(res.finish_reasons), generated_tokens=res.generated_tokens)
+            self._filter(row, res)
+        self._record(sum(r.generated_tokens for r in results), time.perf_counter() - start)
+        count_rows("regenerate", rows)
+        return to_table(rows)
+
+    def _filter(self, row: dict[str, Any], res: Any) -> None:
+        if "abort" in res.finish_reasons:
+            set_status(row, "filtered", "generation_aborted", "the engine aborted a reply")
+        elif "length" in res.finish_reasons and not self.cfg.keep_truncated:
+            set_status(row, "filtered", "truncated_reply",
+                       f"a reply hit generation.max_new_tokens={self.cfg.max_new_tokens}")
+        elif any(m["role"] == "assistant" and not m["content"].strip() for m in res.messages):
+            set_status(row, "filtered", "empty_reply", "the target produced an empty reply")
+
+    @staticmethod
+    def _record(tokens: int, seconds: float) -> None:
+        metrics.inc("eyas_data_generated_tokens_total", tokens, "reply tokens generated by the target")
+        if seconds > 0 and tokens:
+            metrics.set_gauge("eyas_data_generation_tokens_per_s", tokens / seconds,
+                              "reply tokens/s of one generation actor (last batch)")
+
+
+class Templater:
+    """Chat template + tokenize + assistant loss mask with the target's own tokenizer."""
+
+    def __init__(self, cfg: DataConfig):
+        from eyas.data.chat import ChatTemplateError, tokenize_conversation
+
+        self.cfg = cfg
+        self.tokenizer, self.template_name = load_tokenizer_for(cfg)
+        self.tokenize, self.template_error = tokenize_conversation, ChatTemplateError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = to_rows(batch)
+        for row in rows:
+            if row["status"] == "ok":
+                self._tokenize(row)
+        count_rows("template", rows)
+        return to_table(rows)
+
+    def _tokenize(self, row: dict[str, Any]) -> None:
+        try:
+            tok = self.tokenize(self.tokenizer, messages_of(row), self.template_name)
+        except self.template_error as exc:
+            set_status(row, "quarantined", "template_error", str(exc))
+            return
+        if tok.num_tokens > self.cfg.max_length:
+            set_status(row, "quarantined", "too_long", f"{tok.num_tokens} tokens > data.max_length={self.cfg.max_length}")
+            return
+        row.update(input_ids=tok.input_ids, loss_mask=tok.loss_mask, num_tokens=tok.num_tokens,
+                   num_loss_tokens=tok.num_loss_tokens)

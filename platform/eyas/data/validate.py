@@ -1,0 +1,49 @@
+"""Structural validation of normalized conversations; failures become quarantine reasons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eyas.data.normalize import RecordError
+
+
+def _check_contents(messages: list[dict[str, Any]], regenerate: bool) -> None:
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        if content is None and msg["role"] == "assistant":
+            if not regenerate:
+                raise RecordError("missing_reply", f"messages[{i}] (assistant) has no reply and generation.mode=keep")
+            continue
+        if not isinstance(content, str):
+            raise RecordError("non_string_content", f"messages[{i}].content is a {type(content).__name__}")
+        if not content.strip() and not (regenerate and msg["role"] == "assistant"):
+            raise RecordError("empty_content", f"messages[{i}] ({msg['role']}) is empty")
+
+
+def _check_order(messages: list[dict[str, Any]]) -> None:
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not any(m["role"] == "user" for m in body):
+        raise RecordError("no_user_turn", "the conversation has no user turn")
+    for i, msg in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            offset = len(messages) - len(body)
+            raise RecordError("not_alternating", f"messages[{i + offset}] is {msg['role']}, expected {expected}")
+
+
+def validate_messages(messages: list[dict[str, Any]], regenerate: bool) -> list[dict[str, Any]]:
+    """Return the conversation ready for the next steps, or raise ``RecordError``.
+
+    In regenerate mode every assistant reply is replaced by the target's, so a conversation that
+    ends on a user turn gets an empty reply slot (``content=None``) appended; in keep mode such a
+    conversation has nothing to learn from its last turn and is quarantined (``missing_reply``).
+    """
+    _check_order(messages)
+    if messages[-1]["role"] == "user":
+        if not regenerate:
+            raise RecordError("missing_reply", "the conversation ends on a user turn and generation.mode=keep")
+        messages = [*messages, {"role": "assistant", "content": None}]
+    _check_contents(messages, regenerate)
+    if regenerate:
+        messages = [{**m, "content": None} if m["role"] == "assistant" else m for m in messages]
+    return messages

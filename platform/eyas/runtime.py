@@ -1,0 +1,24 @@
+"""Starting or joining Ray for a job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from eyas.config import RunConfig
+
+
+def init_ray(run: RunConfig) -> None:
+    """Join the cluster named by ``run.ray_address`` or ``$RAY_ADDRESS`` (as under ``ray job
+    submit``), else start a private local instance. Workers on a remote cluster get the eyas
+    package shipped with the job unless it is installed on the nodes."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        package_dir = str(Path(__file__).resolve().parent)
+        ray.init(address=address, runtime_env={"py_modules": [package_dir]}, log_to_driver=True)
+        return
+    ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
