@@ -46,7 +46,7 @@ def ray_data(rows: list[dict], cfg: DataConfig, actors: int) -> float:
     """The same steps as Ray Data actor pools. Returns seconds (pool start-up included)."""
     ds = ray.data.from_arrow(to_table(rows)).repartition(max(1, len(rows) // cfg.batch_size))
     args = {"batch_size": cfg.batch_size, "batch_format": "pyarrow", "fn_constructor_args": (cfg,),
-            "num_cpus": 0.5}
+            "num_cpus": 0.25}  # 3 pools share the cores; CPU counts are only for scheduling
     for step in (Validator, PiiScrubber, Templater):
         ds = ds.map_batches(step, compute=ray.data.ActorPoolStrategy(size=actors), **args)
     start = time.perf_counter()

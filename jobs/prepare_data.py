@@ -18,11 +18,12 @@ from eyas.data.config import DataJobConfig  # noqa: E402
 from eyas.data.pipeline import run_data_stage  # noqa: E402
 from eyas.runtime import init_ray  # noqa: E402
 
+CONFIG_CLASS = DataJobConfig
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "prepare_data.yaml")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_job_args(DataJobConfig, "eyas data stage", DEFAULT_CONFIG, argv)
+    cfg = parse_job_args(CONFIG_CLASS, "eyas data stage", DEFAULT_CONFIG, argv)
     init_ray(cfg.run)
     manifest = run_data_stage(cfg)
     print(json.dumps({k: manifest[k] for k in ("counts", "pii", "tokens", "timings", "outputs")}, indent=2))

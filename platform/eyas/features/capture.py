@@ -1,0 +1,110 @@
+"""Target capture: one batched forward of the target -> per-row aux and final hidden states.
+
+Pure PyTorch + transformers, no Ray and no I/O beyond loading the model. Layer convention
+(see ``eyas.draft.model``): ``aux_layer_ids`` are 0-based decoder-layer OUTPUT indices; in
+transformers' ``output_hidden_states`` tuple (index 0 = embeddings) layer ``i``'s output sits
+at ``i + 1``. The final hidden state is ``last_hidden_state``: after the final norm, i.e. the
+input of the target's ``lm_head`` (transformers' last ``hidden_states`` entry is the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eyas.config import ConfigError
+from eyas.draft.model import (
+    aux_ids_to_hidden_states_indices,
+    default_aux_layer_ids,
+    validate_aux_layer_ids,
+)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the features depend on, read from the target's config (no weights loaded)."""
+
+    path: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    aux_layer_ids: list[int]  # layer OUTPUT indices, validated
+
+    @property
+    def hidden_states_indices(self) -> list[int]:
+        """Indices into ``output_hidden_states`` (= SGLang's "input of layer k" numbering)."""
+        return aux_ids_to_hidden_states_indices(self.aux_layer_ids)
+
+
+def resolve_aux_layer_ids(requested: list[int] | None, num_layers: int) -> list[int]:
+    """``features.aux_layer_ids`` (None = EAGLE-3's default) -> three validated layer-output ids."""
+    ids = default_aux_layer_ids(num_layers) if requested is None else requested
+    try:
+        return validate_aux_layer_ids(ids, num_layers)
+    except ValueError as exc:
+        origin = "the EAGLE-3 default" if requested is None else "features.aux_layer_ids"
+        raise ConfigError(f"features.aux_layer_ids ({origin}): {exc}") from None
+
+
+def target_info(path: str, aux_layer_ids: list[int] | None) -> TargetInfo:
+    """Read the target's config.json (local dir or hub id) and resolve the capture layers."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"features.target: cannot read a model config at {path} ({exc}). "
+                          "Point features.target at a Hugging Face model directory.") from exc
+    num_layers = int(cfg.num_hidden_layers)
+    return TargetInfo(path=path, num_layers=num_layers, hidden_size=int(cfg.hidden_size),
+                      vocab_size=int(cfg.vocab_size),
+                      max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+                      aux_layer_ids=resolve_aux_layer_ids(aux_layer_ids, num_layers))
+
+
+def load_target(path: str, dtype: str, use_gpu: bool) -> tuple[Any, torch.device]:
+    """The target's decoder stack (``AutoModel``: no lm_head, so no (B, T, V) logits) in eval mode."""
+    from transformers import AutoModel
+
+    from eyas.data.regenerate import resolve_dtype  # "auto": bf16 on GPU, fp32 on CPU
+
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("features.num_gpus_per_actor > 0 but this actor sees no CUDA device; "
+                           "set features.num_gpus_per_actor=0 to run the target on CPU")
+    device = torch.device("cuda" if use_gpu else "cpu")
+    model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype, use_gpu))
+    return model.to(device).eval(), device
+
+
+def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token lists -> input_ids (B, T) int64 padded with 0, attention_mask (B, T) int64 (1 = real).
+    Right padding keeps positions 0..n-1 for every row, as in an unbatched forward."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def capture_batch(model: Any, seqs: list[list[int]], hidden_states_indices: list[int],
+                  device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """One forward over B sequences -> per row (aux (T_b, 3H), hidden (T_b, H)) in the model dtype,
+    on ``device``. aux = the three ``output_hidden_states`` entries concatenated low/mid/high."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("capture_batch needs at least one sequence and no empty sequence")
+    ids, mask = pad_right(seqs, device)  # (B, T), (B, T)
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    states = out.hidden_states  # N + 1 tensors (B, T, H); 0 = embeddings
+    if max(hidden_states_indices) >= len(states):
+        raise ValueError(f"hidden_states indices {hidden_states_indices} exceed the target's "
+                         f"{len(states) - 1} layers")
+    aux = torch.cat([states[i] for i in hidden_states_indices], dim=-1)  # (B, T, 3H)
+    hidden = out.last_hidden_state  # (B, T, H), after the final norm
+    return [(aux[b, : len(s)], hidden[b, : len(s)]) for b, s in enumerate(seqs)]
