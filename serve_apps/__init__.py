@@ -1,0 +1,1 @@
+"""Ray Serve application builders and the ``serve run``/``serve deploy`` YAML files."""
