@@ -24,8 +24,8 @@ def job_module(name: str):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_job_yaml_validates(path):
     header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
-    match = re.search(r"python jobs/(\w+)\.py", header)
-    assert match, f"{path.name}: the header must show the launch command (python jobs/<job>.py ...)"
+    match = re.search(rf"python jobs/(\w+)\.py --config jobs/configs/{re.escape(path.name)}", header)
+    assert match, f"{path.name}: the header must show its launch command (python jobs/<job>.py --config ...)"
     module = job_module(match.group(1))
     load_config(module.CONFIG_CLASS, path)
 
