@@ -1,0 +1,54 @@
+"""Summed statistics -> the acceptance report (JSON) and its side-by-side table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eyas.evaluate.scorer import DRAFTERS, REFERENCES
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def drafter_report(walks: dict[str, dict[str, Any]], depth: int) -> dict[str, Any]:
+    """tau per chain depth, and the per-position acceptance of the deepest chain (P(guess j
+    accepted | guesses before it accepted)) with its unconditional rate (accepted / rounds)."""
+    deepest = walks[str(depth)]
+    return {
+        "tau": {str(d): _ratio(walks[str(d)]["tokens"], walks[str(d)]["rounds"]) for d in range(1, depth + 1)},
+        "accept_rate": [_ratio(a, r) for a, r in zip(deepest["accepted"], deepest["reached"], strict=True)],
+        "accept_rate_per_round": [_ratio(a, deepest["rounds"]) for a in deepest["accepted"]],
+        "rounds": {str(d): walks[str(d)]["rounds"] for d in range(1, depth + 1)},
+    }
+
+
+def summarize(stats: dict[str, Any], depth: int) -> dict[str, Any]:
+    """The report: per reference, per drafter, tau at each depth and acceptance per position;
+    the teacher-forced TTT accuracy per step; how often the data equals the target's argmax."""
+    return {
+        "depths": list(range(1, depth + 1)),
+        "rows": stats["rows"],
+        "reply_tokens": stats["reply_tokens"],
+        "data_equals_target_argmax": _ratio(stats["argmax_agree"], stats["argmax_total"]),
+        "ttt_acc": [_ratio(h, c) for h, c in zip(stats["ttt_hits"], stats["ttt_counts"], strict=True)],
+        "references": {ref: {name: drafter_report(stats["walks"][ref][name], depth) for name in DRAFTERS}
+                       for ref in REFERENCES},
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """tau per depth and acceptance per position, EAGLE-3 head vs n-gram, for each reference."""
+    lines = [f"rows {report['rows']}, reply tokens {report['reply_tokens']}, data == target argmax "
+             f"{report['data_equals_target_argmax']}",
+             "ttt_acc (teacher forced): " + " ".join(f"{a}" for a in report["ttt_acc"]),
+             "tau head/ngram: tokens per target verification with chains of depth k (1 = no drafting); "
+             f"acc_k: P(guess k accepted | guesses before it were), chains of depth {report['depths'][-1]}"]
+    for ref, drafters in report["references"].items():
+        lines.append(f"reference = {ref}")
+        lines.append(f"  {'k':>2}  {'tau head':>9} {'tau ngram':>9}  {'acc_k head':>10} {'acc_k ngram':>11}")
+        for i, d in enumerate(report["depths"]):
+            head, ngram = drafters["head"], drafters["ngram"]
+            lines.append(f"  {d:>2}  {head['tau'][str(d)]!s:>9} {ngram['tau'][str(d)]!s:>9}  "
+                         f"{head['accept_rate'][i]!s:>10} {ngram['accept_rate'][i]!s:>11}")
+    return "\n".join(lines)
