@@ -25,6 +25,15 @@ import contextlib
 from eyas.assets import assets_root  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The CI box has 2 shared cores: one torch thread per process avoids oversubscription
+    stalls (measured ~30x slower with 2 threads under contention)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     """The shared asset folder; tests that need it skip with a reason where it is absent."""

@@ -15,15 +15,6 @@ PROMPTS = [[1, 403, 407, 261, 378], [1, 22, 33], [1, 403, 407, 261, 378, 10, 300
 SPEC = SpecConfig(num_steps=5, eagle_topk=4, num_draft_tokens=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores; one thread avoids oversubscription stalls."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def random_draft(stories260k: Path):
     from eyas.draft.model import DraftConfig, Eagle3Draft
 

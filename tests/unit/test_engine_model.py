@@ -18,15 +18,6 @@ ATOL = 1e-4
 PROMPT = [1, 403, 407, 261, 378, 10, 300, 42, 99, 7, 55, 201]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores; one thread avoids oversubscription stalls."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def run_full(model: Transformer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sequence in one forward with a causal mask -> logits (T, V), aux (T, 3H)."""
     T = len(ids)

@@ -25,15 +25,6 @@ from eyas.engine.tree import select_tree, tree_attention_mask, tree_depths, vali
 PROMPTS = [[1, 403, 407, 261, 378], [1, 22, 33], [1, 403, 407, 261, 378, 10, 300, 42, 99, 7]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI box has 2 shared cores; one thread avoids oversubscription stalls."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 # ----------------------------------------------------------------------------- test doubles
 
 
