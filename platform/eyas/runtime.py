@@ -21,4 +21,7 @@ def init_ray(run: RunConfig) -> None:
         package_dir = str(Path(__file__).resolve().parent)
         ray.init(address=address, runtime_env={"py_modules": [package_dir]}, log_to_driver=True)
         return
+    # A private single-machine instance: Ray 2.60's default token auth would only add a token
+    # file that local clients (and the dashboard) must carry; turn it off unless asked for.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
