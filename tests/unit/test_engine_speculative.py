@@ -28,6 +28,14 @@ PROMPTS = [[1, 403, 407, 261, 378], [1, 22, 33], [1, 403, 407, 261, 378, 10, 300
 # ----------------------------------------------------------------------------- test doubles
 
 
+def stub_kv(position_ids: Tensor, past_kv) -> tuple[Tensor, Tensor]:
+    """A 1-wide dummy KV cache grown by the new positions, as the engine expects from a draft."""
+    k = torch.zeros(*position_ids.shape[:1], 1, position_ids.shape[1], 1)
+    if past_kv is not None:
+        k = torch.cat([past_kv[0], k], dim=2)
+    return k, k.clone()
+
+
 class OracleDraft(nn.Module):
     """TEST DOUBLE that cheats: it knows the target's greedy continuation ``sequence`` and
     proposes it by position (draft output at position t predicts token t+2). Single request."""
@@ -41,10 +49,7 @@ class OracleDraft(nn.Module):
         return aux[..., :1]
 
     def forward(self, input_embeds, hidden, position_ids, attn_bias=None, past_kv=None):
-        k = torch.zeros(*position_ids.shape[:1], 1, position_ids.shape[1], 1)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-        return position_ids[..., None].float(), (k, k.clone())  # out encodes the position
+        return position_ids[..., None].float(), stub_kv(position_ids, past_kv)  # out encodes the position
 
     def logits(self, out: Tensor) -> Tensor:
         pos = (out[..., 0].round().long() + 2).clamp(max=len(self.sequence) - 1)
@@ -69,10 +74,7 @@ class ConstantDraft(nn.Module):
         return aux[..., :1]
 
     def forward(self, input_embeds, hidden, position_ids, attn_bias=None, past_kv=None):
-        k = torch.zeros(*position_ids.shape[:1], 1, position_ids.shape[1], 1)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-        return hidden, (k, k.clone())
+        return hidden, stub_kv(position_ids, past_kv)
 
     def logits(self, out: Tensor) -> Tensor:
         return self.fixed.expand(*out.shape[:-1], -1)
