@@ -52,7 +52,7 @@ def test_pipeline_end_to_end(ray_local, stories260k, tmp_path, capsys):
     assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
     assert set(report["evaluate"]["tau"]) == {"head", "ngram"}
     points = report["loadtest"]["points"]
-    assert [p["point"] for p in points] == ["c=1", "c=2"] or len(points) == 2
+    assert [p["point"] for p in points] == ["c1", "c2"]
     for p in points:
         assert p["baseline"]["output_throughput"] > 0 and p["eagle3"]["output_throughput"] > 0
         assert p["eagle3"]["acceptance_length"] >= 1.0 and p["speedup"]["tpot"] > 0
