@@ -1,18 +1,28 @@
-"""Decode speed on one target, same prompts, temperature 0, all rows measured in one run.
+"""Decode speed on one target, same chat prompts, temperature 0, all rows measured in one run.
 
-Rows: (a) transformers ``generate()`` [the baseline], (b) transformers prompt-lookup assisted
-generation, (c) the eyas engine without speculation, (d) the eyas engine with EAGLE-3 (chain and
-tree settings). For each concurrency C, C requests of ``--tokens`` output tokens each run
-together (eos ignored so every row emits the same tokens); tokens/s = C * tokens / wall and
-TPOT = wall / tokens (the time per output token each request sees). Prompt lookup only supports
-batch size 1 in transformers, so its C requests run one after another.
+Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the faster of the two],
+(b) transformers prompt-lookup assisted generation, (c) the eyas engine without speculation,
+(d) the eyas engine with EAGLE-3 (chain and tree settings). For each concurrency C, C requests of
+``--tokens`` output tokens each run together (eos ignored so every row emits the same number of
+tokens); tokens/s = C * tokens / wall and TPOT = wall / tokens. Prompt lookup only supports batch
+size 1 in transformers, so its C requests run one after another.
 
-    .venv/bin/python bench/decode_speed.py --draft artifacts/train/draft [--concurrency 1 4 16]
+For the EAGLE-3 rows it prints what the round costs: t_1 (one plain decode step of the batch,
+from row (c)), t_verify (the target forward over the D tree tokens), t_draft (draft time per
+step: extend + tree growth divided by S), tau (tokens per verification), the speed-up the costs
+predict, tau * t_1 / (t_verify + S * t_draft), and the efficiency = measured / predicted.
+
+Threads: one process, ``--threads`` torch threads (default 2 = both cores of the dev box). Run it
+on a quiet machine: a second busy process on 2 cores slows torch 10-40x.
+
+    .venv/bin/python bench/decode_speed.py --target smollm2-135m-instruct \
+        --draft artifacts/train/draft [--concurrency 1 4] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Callable
@@ -21,17 +31,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from eyas.assets import resolve_model_path  # noqa: E402
+from eyas.assets import resolve_asset  # noqa: E402
+from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
-PROMPTS = ["Once upon a time, there was a little girl named", "The dog ran to the park and",
-           "Tom had a big red ball. One day,", "Lily and her mom went to the store to buy",
-           "There was a small bird who wanted to fly", "Ben liked to play with his toy car. He",
-           "One sunny day, a cat saw a", "Sam was sad because his friend"]
-SETTINGS = {"eagle3 chain 3/1/4": (3, 1, 4), "eagle3 chain 5/1/6": (5, 1, 6), "eagle3 tree 5/4/8": (5, 4, 8)}
+PROMPTS = "assets:datasets/prompts/mt_bench_question.jsonl"
+SETTINGS = {"chain 3/1/4": (3, 1, 4), "chain 5/1/6": (5, 1, 6), "chain 7/1/8": (7, 1, 8),
+            "tree 5/4/8": (5, 4, 8), "tree 6/2/8": (6, 2, 8)}
+Row = Callable[[list[list[int]], int], dict]
 
 
-def prompts_for(tokenizer, c: int) -> list[list[int]]:
-    return [tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids for i in range(c)]
+def chat_prompts(tokenizer, c: int) -> list[list[int]]:
+    """The first turn of the first C MT-bench questions, with the target's chat template."""
+    with open(resolve_asset(PROMPTS, "PROMPTS")) as f:
+        questions = [json.loads(line)["turns"][0] for line in f if line.strip()]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i]}],
+                                          add_generation_prompt=True, return_dict=True)["input_ids"]
+            for i in range(c)]
 
 
 def timed(fn: Callable[[], dict]) -> tuple[float, dict]:
@@ -40,7 +55,7 @@ def timed(fn: Callable[[], dict]) -> tuple[float, dict]:
     return time.perf_counter() - start, extra
 
 
-def hf_generate(model, tokenizer, prompts: list[list[int]], n: int) -> dict:
+def hf_generate(model, prompts: list[list[int]], n: int) -> dict:
     """(a): one left-padded batch through ``generate``."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -51,7 +66,7 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], n: int) -> dict:
     return {}
 
 
-def hf_prompt_lookup(model, tokenizer, prompts: list[list[int]], n: int) -> dict:
+def hf_prompt_lookup(model, prompts: list[list[int]], n: int) -> dict:
     """(b): prompt-lookup assisted generation, batch size 1, requests in turn."""
     with torch.inference_mode():
         for p in prompts:
@@ -61,64 +76,93 @@ def hf_prompt_lookup(model, tokenizer, prompts: list[list[int]], n: int) -> dict
 
 
 def eyas_generate(engine, prompts: list[list[int]], n: int) -> dict:
-    """(c)/(d): the eyas engine, all requests batched together."""
+    """(c)/(d): the eyas engine, all requests batched together; per-round phase times."""
     from eyas.engine.sampling import SamplingParams
 
+    engine.phase_seconds.clear()
+    engine.phase_rounds.clear()
     outs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
     steps = sum(o.stats.verify_steps for o in outs)
-    return {"acceptance_length": sum(o.stats.decoded_tokens for o in outs) / steps if steps else 1.0}
+    per_round = {k: engine.phase_seconds[k] / engine.phase_rounds[k] for k in engine.phase_rounds}
+    return {"tau": sum(o.stats.decoded_tokens for o in outs) / steps if steps else 1.0, **per_round}
 
 
-def build_rows(model_dir: str, draft_dir: str | None, max_c: int) -> dict[str, Callable]:
+def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.dtype,
+               prompt_lookup: bool) -> dict[str, tuple[Row, tuple[int, int, int] | None]]:
     from transformers import AutoModelForCausalLM
 
     from eyas.engine.engine import Engine, SpecConfig
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows: dict[str, Callable] = {
-        "(a) transformers generate": lambda tok, p, n: hf_generate(hf, tok, p, n),
-        "(b) transformers prompt lookup": lambda tok, p, n: hf_prompt_lookup(hf, tok, p, n),
-    }
-    plain = Engine(model_dir, max_batch_size=max_c)
-    rows["(c) eyas engine"] = lambda tok, p, n: eyas_generate(plain, p, n)
-    if draft_dir:
-        for name, (s, k, d) in SETTINGS.items():
-            eng = Engine(model_dir, SpecConfig(draft_dir, s, k, d), max_batch_size=max_c)
-            rows[f"(d) eyas {name}"] = lambda tok, p, n, eng=eng: eyas_generate(eng, p, n)
+    rows: dict[str, tuple[Row, tuple[int, int, int] | None]] = {}
+    for name in ("float32", "bfloat16"):
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, name)).eval()
+        rows[f"(a) transformers generate {name}"] = (lambda p, n, hf=hf: hf_generate(hf, p, n), None)
+        if prompt_lookup and name == "bfloat16":
+            rows["(b) transformers prompt lookup bf16"] = (
+                lambda p, n, hf=hf: hf_prompt_lookup(hf, p, n), None)
+    engines = {"(c) eyas engine": (Engine(model_dir, dtype=dtype, max_batch_size=max_c), None)}
+    for name, knobs in SETTINGS.items() if draft_dir else ():
+        engines[f"(d) eyas eagle3 {name}"] = (
+            Engine(model_dir, SpecConfig(draft_dir, *knobs), dtype=dtype, max_batch_size=max_c), knobs)
+    for name, (eng, knobs) in engines.items():
+        eng.record_phases = True
+        rows[name] = (lambda p, n, eng=eng: eyas_generate(eng, p, n), knobs)
     return rows
+
+
+def cost_columns(extra: dict, knobs: tuple[int, int, int], t_1: float, gain: float) -> str:
+    """t_verify, t_draft per step, predicted speed-up and efficiency of one EAGLE-3 cell."""
+    steps = knobs[0]
+    t_verify, t_draft = extra["verify"], extra["draft"] / steps
+    predicted = extra["tau"] * t_1 / (t_verify + steps * t_draft)
+    return (f" t_verify {1000 * t_verify:6.1f} t_draft {1000 * t_draft:5.2f} "
+            f"predicted {predicted:5.2f}x efficiency {gain / predicted:5.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="assets:models/stories260k")
+    parser.add_argument("--target", default="smollm2-135m-instruct")
     parser.add_argument("--draft", default="artifacts/train/draft", help="exported EAGLE-3 draft dir")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per cell")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", help="the eyas engine's dtype")
+    parser.add_argument("--no-prompt-lookup", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    model_dir = resolve_model_path(args.target, "--target")
+    model_dir = resolve_target(args.target, "--target")
     if not os.path.isdir(args.draft):
-        raise SystemExit(f"--draft {args.draft}: no exported draft there. Run jobs/train_draft.py first "
-                         f"(or the pipeline), or point --draft at an exported EAGLE-3 directory.")
+        raise SystemExit(f"--draft {args.draft}: no exported draft there. Run jobs/train_draft.py "
+                         "first (or the pipeline), or point --draft at an exported EAGLE-3 directory.")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = build_rows(model_dir, args.draft, max(args.concurrency))
-    print(f"target {model_dir}, draft {args.draft}, {args.tokens} tokens/request, "
-          f"{args.threads} thread(s), best of {args.repeats}")
-    print(f"{'row':34s} {'C':>3s} {'tok/s':>9s} {'TPOT ms':>9s} {'x (a)':>7s} {'accept':>7s}")
+    rows = build_rows(model_dir, args.draft, max(args.concurrency),
+                      resolve_dtype(args.dtype, on_gpu=False), not args.no_prompt_lookup)
+    print(f"target {args.target}, draft {args.draft}, {args.tokens} tokens/request, eyas "
+          f"{args.dtype}, {torch.get_num_threads()} torch thread(s), best of {args.repeats}")
     for c in args.concurrency:
-        prompts, base = prompts_for(tok, c), None
-        for name, fn in rows.items():
-            fn(tok, prompts[:1], 8)  # warm-up
-            run = lambda fn=fn, prompts=prompts: fn(tok, prompts, args.tokens)  # noqa: E731
-            best, extra = min((timed(run) for _ in range(args.repeats)), key=lambda r: r[0])
-            base = base or best
-            accept = extra.get("acceptance_length")
-            print(f"{name:34s} {c:3d} {c * args.tokens / best:9.1f} {1000 * best / args.tokens:9.2f} "
-                  f"{base / best:7.2f} {accept if accept is None else round(accept, 2)!s:>7s}")
+        prompts = chat_prompts(tok, c)
+        results = {}
+        for name, (fn, _) in rows.items():
+            fn(prompts[:1], 8)  # warm-up
+            run = lambda fn=fn, prompts=prompts: fn(prompts, args.tokens)  # noqa: E731
+            results[name] = min((timed(run) for _ in range(args.repeats)), key=lambda r: r[0])
+        base_name = min((n for n in results if n.startswith("(a)")), key=lambda n: results[n][0])
+        base, plain = results[base_name][0], results["(c) eyas engine"]
+        print(f"\nC={c}: baseline = {base_name}")
+        print(f"{'row':38s} {'tok/s':>8s} {'TPOT ms':>8s} {'x base':>7s} {'x (c)':>6s} {'tau':>5s}")
+        for name, (wall, extra) in results.items():
+            tau = extra.get("tau")
+            line = (f"{name:38s} {c * args.tokens / wall:8.1f} {1000 * wall / args.tokens:8.2f} "
+                    f"{base / wall:7.2f} {plain[0] / wall:6.2f} {'' if tau is None else f'{tau:5.2f}'}")
+            knobs = rows[name][1]
+            if knobs is not None:
+                line += cost_columns(extra, knobs, plain[1]["decode"], plain[0] / wall)
+            elif name == "(c) eyas engine":
+                line += f"       t_1 {1000 * extra['decode']:6.1f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from eyas import storage  # noqa: E402
-from eyas.assets import resolve_model_path  # noqa: E402
 from eyas.config import load_config  # noqa: E402
 from eyas.features.schema import FEATURE_SCHEMA, encode_row  # noqa: E402
+from eyas.targets import resolve_target  # noqa: E402
 
 AUX_LAYER_IDS = [0, 2, 3]
 
@@ -130,7 +130,7 @@ def main() -> None:
     features = args.features
     if not storage.Artifact(features).is_complete():
         features = f"{tmp}/features"
-        synthetic_features(features, resolve_model_path(args.target, "--target"), rows=64, length=96)
+        synthetic_features(features, resolve_target(args.target, "--target"), rows=64, length=96)
         print(f"no finished features at {args.features}: using synthetic stories260k-sized rows at {features}")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     plain = plain_loop(features, args.batch_size, args.steps, args.max_length)

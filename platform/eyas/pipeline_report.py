@@ -21,6 +21,25 @@ def _loadtest_summary(lt: dict[str, Any]) -> list[dict[str, Any]]:
     return list(by_point.values())
 
 
+def explain_point(point: dict[str, Any]) -> str | None:
+    """Why EAGLE-3's TPOT is what it is at one load point, from the served numbers alone.
+
+    Each EAGLE-3 round emits tau tokens (the acceptance length) for the price of a draft pass
+    plus one verification forward; in units of the baseline's per-token time that price is
+    tau * TPOT_eagle3 / TPOT_baseline, and the TPOT speed-up is tau divided by it.
+    """
+    base = (point.get("baseline") or {}).get("tpot_ms_median")
+    eagle = point.get("eagle3") or {}
+    tau, tpot = eagle.get("acceptance_length"), eagle.get("tpot_ms_median")
+    if not all(isinstance(v, int | float) and v > 0 for v in (base, tau, tpot)):
+        return None
+    cost = tau * tpot / base
+    verdict = "faster" if tpot < base else "slower"
+    return (f"{point['point']}: each EAGLE-3 round emitted {tau:.2f} tokens and cost {cost:.2f} "
+            f"baseline decode steps (draft + one verification forward), so a token took "
+            f"{tpot:.1f} ms instead of {base:.1f} ms: {base / tpot:.2f}x ({verdict})")
+
+
 def build_report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Headline numbers of every stage that ran (or was found finished)."""
     report: dict[str, Any] = {"seconds": {k: round(v.get("seconds", 0.0), 1) for k, v in results.items()}}
@@ -37,8 +56,9 @@ def build_report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         report["evaluate"] = {"tau": results["evaluate"].get("tau"),
                               "report": results["evaluate"].get("outputs", {}).get("report")}
     if "loadtest" in results:
-        report["loadtest"] = {"points": _loadtest_summary(results["loadtest"]),
-                              "files": results["loadtest"].get("files", {})}
+        points = _loadtest_summary(results["loadtest"])
+        report["loadtest"] = {"points": points, "files": results["loadtest"].get("files", {}),
+                              "explanation": [e for e in map(explain_point, points) if e]}
     return report
 
 
@@ -78,6 +98,8 @@ def print_report(report: dict[str, Any], uri: str) -> None:
                   f"{_fmt(sp.get('tpot')):>6} | {_fmt(base.get('output_throughput'), 1):>10} "
                   f"{_fmt(eagle.get('output_throughput'), 1):>12} {_fmt(sp.get('throughput')):>7} | "
                   f"{_fmt(eagle.get('acceptance_length')):>6}")
+        for line in report["loadtest"].get("explanation", []):
+            print(f"  {line}")
         for name, path in report["loadtest"]["files"].items():
             print(f"  {name}: {path}")
     print(f"report: {uri}")

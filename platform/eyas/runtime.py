@@ -25,3 +25,16 @@ def init_ray(run: RunConfig) -> None:
     # file that local clients (and the dashboard) must carry; turn it off unless asked for.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
+
+
+def use_torch_threads(n: int) -> None:
+    """Give torch ``n`` intra-op threads in the CALLING thread.
+
+    OpenMP keeps the thread count per OS thread, and Ray Data runs an actor's ``__call__`` in
+    a worker thread of its own (its ``__init__`` may run elsewhere): a count set in
+    ``__init__`` does not reach the thread that computes. Call this at the top of ``__call__``.
+    """
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -104,7 +104,7 @@ def test_qwen2_bias_matches_transformers(tmp_path: Path):
     path = save_random(Qwen2ForCausalLM(cfg), tmp_path / "qwen2")
     model = Transformer.from_pretrained(path)
     assert model.config.qkv_bias and not model.config.o_bias
-    assert model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    assert model.layers[0].self_attn.qkv_proj.bias.abs().sum() > 0
     check_against_hf(path, [5, 8, 13, 21, 34, 55, 89, 1, 2, 3])
 
 

@@ -269,11 +269,12 @@ def test_synthetic_workloads_are_seeded() -> None:
 
 
 def test_prompts_file_formats(tmp_path) -> None:
-    rows = [{"prompt": "p1"}, {"text": "p2"}, {"messages": [{"role": "user", "content": "p3"}]}]
+    rows = [{"prompt": "p1"}, {"text": "p2"}, {"messages": [{"role": "user", "content": "p3"}]},
+            {"question_id": 81, "turns": ["p4", "follow-up"]}]
     jl = tmp_path / "p.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     got = workloads.load_prompts(WorkloadConfig(kind="prompts_file", path=str(jl)), 0)
-    assert [p.messages[-1]["content"] for p in got] == ["p1", "p2", "p3"]
+    assert [p.messages[-1]["content"] for p in got] == ["p1", "p2", "p3", "p4"]
     js = tmp_path / "p.json"
     js.write_text(json.dumps(["a", "b"]))
     got = workloads.load_prompts(WorkloadConfig(kind="prompts_file", path=str(js), chat=False,

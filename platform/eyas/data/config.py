@@ -25,16 +25,18 @@ class GenerationConfig(StrictModel):
     """Regenerating the assistant replies with the target itself (on-policy data)."""
 
     mode: Literal["regenerate", "keep"] = "regenerate"  # keep = use the dataset's own replies
-    engine: Literal["hf", "sglang"] = "hf"
+    engine: Literal["eyas", "hf", "sglang"] = "eyas"  # eyas: continuous batching (bench/regen_speed.py)
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
     keep_truncated: bool = True  # keep replies cut by max_new_tokens (counted either way)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # prompts per call (eyas: concurrent slots)
+    max_seq_len: int = Field(default=2048, ge=16)  # eyas: KV cache length per slot (prompt + reply)
     num_actors: int = Field(default=1, ge=1)
     num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
     num_cpus_per_actor: float = Field(default=1.0, ge=0.0)
+    torch_threads: int | None = Field(default=None, ge=1)  # per actor; None: its CPUs rounded up
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tp_size: int = Field(default=1, ge=1)  # sglang tensor parallel size
     mem_fraction_static: float | None = Field(default=None, gt=0.0, lt=1.0)  # sglang

@@ -47,25 +47,16 @@ def finish_generation(new_ids: list[int], eos: list[int], tokenizer: Any) -> Gen
                       finish_reason="length" if stop is None else "stop")
 
 
-def resolve_dtype(name: str, on_gpu: bool) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
-
-
 class HFBackend:
     """transformers ``generate`` over left-padded batches; one model per actor."""
 
     def __init__(self, model_path: str, tokenizer: Any, cfg: GenerationConfig):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from eyas.targets import load_hf_model
 
         on_gpu = cfg.num_gpus_per_actor > 0 and torch.cuda.is_available()
-        self.device = "cuda" if on_gpu else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(cfg.dtype, on_gpu))
-        self.model.to(self.device).eval()
+        self.model, self.device = load_hf_model(model_path, cfg.dtype, on_gpu)
         self.tokenizer, self.cfg = tokenizer, cfg
         self.eos = eos_token_ids(tokenizer, self.model.generation_config)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
@@ -114,6 +105,44 @@ class HFBackend:
         return [finish_generation(row[:room], self.eos, self.tokenizer) for row, room in zip(new, rooms, strict=True)]
 
 
+class EyasBackend:
+    """The eyas engine (continuous batching over a slot KV cache) in this actor; CPU or GPU.
+
+    A batch of prompts runs through one engine: a finished reply frees its slot for the next
+    prompt at once, instead of waiting for the longest reply of a padded batch.
+    """
+
+    def __init__(self, model_path: str, tokenizer: Any, cfg: GenerationConfig):
+        import torch
+
+        from eyas.engine.engine import Engine
+        from eyas.targets import resolve_dtype
+
+        on_gpu = cfg.num_gpus_per_actor > 0 and torch.cuda.is_available()
+        dtype = resolve_dtype(cfg.dtype, on_gpu)
+        self.engine = Engine(model_path, device="cuda" if on_gpu else "cpu", dtype=dtype,
+                             max_batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len)
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.eos = sorted(set(self.engine.eos_ids) | set(eos_token_ids(tokenizer)))
+        self.calls = 0
+
+    def generate(self, prompts: list[list[int]]) -> list[Generation]:
+        """Generate for every prompt; one that already fills the context gets an empty
+        "length" reply (the stage then filters the conversation, counted)."""
+        from eyas.engine.sampling import SamplingParams
+
+        limit = self.engine.max_seq_len
+        live = [i for i, p in enumerate(prompts) if len(p) < limit]
+        out = [Generation("", 0, "length")] * len(prompts)
+        self.calls += 1
+        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                 top_p=self.cfg.top_p, stop_token_ids=self.eos,
+                                 seed=self.cfg.seed + self.calls * 100_003 + i) for i in live]
+        for i, res in zip(live, self.engine.generate([prompts[i] for i in live], params), strict=True):
+            out[i] = finish_generation(res.token_ids, self.eos, self.tokenizer)
+        return out
+
+
 def sglang_engine_kwargs(model_path: str, cfg: GenerationConfig) -> dict[str, Any]:
     """Arguments for ``sglang.Engine`` built from the generation config."""
     kwargs: dict[str, Any] = {"model_path": model_path, "tp_size": cfg.tp_size, "random_seed": cfg.seed,
@@ -154,7 +183,8 @@ class SGLangBackend:
         return [sglang_generation(o) for o in outs]
 
 
-BACKENDS: dict[str, Callable[..., GenerationBackend]] = {"hf": HFBackend, "sglang": SGLangBackend}
+BACKENDS: dict[str, Callable[..., GenerationBackend]] = {
+    "hf": HFBackend, "eyas": EyasBackend, "sglang": SGLangBackend}
 
 
 @dataclass

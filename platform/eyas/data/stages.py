@@ -15,10 +15,11 @@ from typing import Any
 import pyarrow as pa
 
 from eyas import metrics
-from eyas.assets import resolve_model_path
 from eyas.data.config import DataConfig
 from eyas.data.normalize import RecordError, normalize_record, parse_file
 from eyas.data.validate import validate_messages
+from eyas.runtime import use_torch_threads
+from eyas.targets import resolve_target
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("messages_json", pa.string()),
@@ -75,7 +76,7 @@ def load_tokenizer_for(cfg: DataConfig) -> tuple[Any, str]:
     from eyas.data.chat import load_tokenizer
 
     key = "data.tokenizer" if cfg.tokenizer else "data.target"
-    path = resolve_model_path(cfg.tokenizer or cfg.target, key)
+    path = resolve_target(cfg.tokenizer or cfg.target, key)
     return load_tokenizer(path), path
 
 
@@ -158,18 +159,25 @@ class Regenerator:
     """Replace every assistant reply with the target's own, turn by turn (see ``regenerate``)."""
 
     def __init__(self, cfg: DataConfig):
+        import math
+
         from eyas.data.chat import generation_prompt_ids
         from eyas.data.regenerate import BACKENDS
 
         self.cfg = cfg.generation
+        # Ray sets OMP_NUM_THREADS from an actor's CPUs rounded down; choose threads on purpose.
+        self.threads = self.cfg.torch_threads or max(1, math.ceil(self.cfg.num_cpus_per_actor))
+        use_torch_threads(self.threads)
         self.tokenizer, _ = load_tokenizer_for(cfg)
-        model_path = resolve_model_path(cfg.target, "data.target")
+        model_path = resolve_target(cfg.target, "data.target")
         self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)
         self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history)
+        self.done = 0  # conversations this actor regenerated (its progress line)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from eyas.data.regenerate import regenerate
 
+        use_torch_threads(self.threads)
         rows = to_rows(batch)
         live = [r for r in rows if r["status"] == "ok"]
         start = time.perf_counter()
@@ -178,7 +186,11 @@ class Regenerator:
             row.update(messages_json=json.dumps(res.messages, ensure_ascii=False),
                        finish_reasons=",".join(res.finish_reasons), generated_tokens=res.generated_tokens)
             self._filter(row, res)
-        self._record(sum(r.generated_tokens for r in results), time.perf_counter() - start)
+        tokens, seconds = sum(r.generated_tokens for r in results), time.perf_counter() - start
+        self._record(tokens, seconds)
+        self.done += len(live)
+        print(f"[eyas.data] regenerated {self.done} conversations so far (+{len(live)}: {tokens} "
+              f"tokens in {seconds:.0f} s, {tokens / max(seconds, 1e-9):.0f} tokens/s)", flush=True)
         count_rows("regenerate", rows)
         return to_table(rows)
 

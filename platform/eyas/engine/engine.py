@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +126,7 @@ class Engine:
         self.model = Transformer.from_pretrained(model_dir, dtype, device, aux_ids)
         cfg = self.model.config
         _check_draft_fits(draft, cfg.hidden_size, cfg.vocab_size)
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         slack = self.spec.num_draft_tokens if self.spec else 1
         self.cache = self.model.new_cache(max_batch_size, self.max_seq_len + slack)
         self.draft = draft.to(device=device, dtype=dtype).eval() if draft is not None else None
@@ -139,6 +139,9 @@ class Engine:
         self._ids: set[str] = set()
         self._lock = threading.Lock()
         self.totals = RequestStats()
+        self.phase_seconds: Counter[str] = Counter()  # filled when record_phases is True
+        self.phase_rounds: Counter[str] = Counter()
+        self.record_phases = False
 
     # ------------------------------------------------------------------ public API
 
@@ -187,7 +190,7 @@ class Engine:
         """Prefill newly admitted requests, then one batched decode/speculative round."""
         with self._lock, torch.inference_mode():
             outputs: dict[str, RequestOutput] = {}
-            batch = list(self._running)
+            batch = sorted(self._running, key=lambda r: r.slot)  # consecutive slots read as views
             while self._waiting and self.cache.num_free:
                 req = self._waiting.popleft()
                 self._emit(req, [self._prefill(req)], outputs)
@@ -250,6 +253,7 @@ class Engine:
 
     def _decode(self, batch: list[_Request]) -> list[list[int]]:
         """One plain decode step: each request's root goes in, one sampled token comes out."""
+        start = self._clock()
         slots, lens = self._slots_and_lengths(batch)
         roots = torch.tensor([[r.root] for r in batch], device=self.device)  # (B, 1)
         one = torch.ones(1, 1, 1, dtype=torch.bool, device=self.device)
@@ -258,6 +262,7 @@ class Engine:
         logits, _ = self.model(roots, pos, self.cache, slots, pos, mask)
         self.cache.lengths[slots] += 1
         tokens = self._sample(batch, logits[:, 0]).tolist()
+        self._record("decode", start)
         for req in batch:
             req.stats.verify_steps += 1
         return [[t] for t in tokens]
@@ -266,6 +271,7 @@ class Engine:
         """One EAGLE-3 round for the whole batch; returns the tokens each request emits."""
         spec, draft = self.spec, self.draft
         assert spec is not None and draft is not None
+        start = self._clock()
         slots, lens = self._slots_and_lengths(batch)
         # Step 1: draft extend over what each request committed last round.
         counts = torch.tensor([len(r.pending_ids) for r in batch], device=self.device)
@@ -277,8 +283,10 @@ class Engine:
         roots = torch.tensor([r.root for r in batch], device=self.device)
         tree = grow_tree(draft, embed, self.draft_cache, slots, last_out, roots,
                          spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+        start = self._record("draft", start)
         # Step 3: ONE target forward over all trees (each row attends to its own slot).
         logits, tree_aux = self._verify(tree, slots, lens)
+        start = self._record("verify", start)
         # Step 4: per-request acceptance, then keep only the accepted path in the cache.
         path, kept, bonus = self._accept(batch, tree, logits)
         self.cache.compact(slots, path, kept)
@@ -290,6 +298,7 @@ class Engine:
             req.pending_ids, req.pending_aux = tokens, tree_aux[b, nodes]
             req.stats.verify_steps += 1
             emitted.append(tokens.tolist())
+        self._record("accept", start)
         return emitted
 
     def _verify(self, tree: DraftTree, slots: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,8 +324,25 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
+    def _clock(self) -> float:
+        """perf_counter, after the device finished its queued work when phases are recorded."""
+        if self.record_phases and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _record(self, phase: str, start: float) -> float:
+        """Add the time since ``start`` to ``phase`` (when recording); returns the new start."""
+        if not self.record_phases:
+            return start
+        now = self._clock()
+        self.phase_seconds[phase] += now - start
+        self.phase_rounds[phase] += 1
+        return now
+
     def _sample(self, batch: list[_Request], logits: Tensor) -> Tensor:
         """logits (B, V) -> (B,) int64 tokens drawn with each request's parameters."""
+        if all(r.params.greedy for r in batch):
+            return logits.argmax(-1)
         temp, top_k, top_p = self._param_tensors(batch)
         probs = probs_from_logits(logits, temp, top_k, top_p)
         uniforms = draw_uniforms([r.generator for r in batch], 1, self.device)[:, 0]

@@ -47,8 +47,11 @@ class KVCache:
         self.lengths[slot] = 0
         self._free.append(slot)
 
-    def gather(self, i: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Layer i's first ``length`` entries of ``slots`` (B,) -> each (B, n_kv, length, hd)."""
+    def gather(self, i: int, slots: Tensor | slice, length: int) -> tuple[Tensor, Tensor]:
+        """Layer i's first ``length`` entries of ``slots`` (B,) -> each (B, n_kv, length, hd).
+
+        ``slots`` may be a slice (see ``slot_selector``): then the result is a view, not a copy.
+        """
         return (self.k[i, slots, :length].transpose(1, 2),
                 self.v[i, slots, :length].transpose(1, 2))
 
@@ -81,6 +84,18 @@ class KVCache:
         self.k[:, slot_idx, dst] = self.k[:, slot_idx, src]
         self.v[:, slot_idx, dst] = self.v[:, slot_idx, src]
         self.lengths[slots] += num_kept
+
+
+def slot_selector(slots: Tensor) -> Tensor | slice:
+    """``slots`` (B,) as a slice when they are consecutive ascending slot numbers, else as is.
+
+    Reading a slice of the cache is a view; indexing with a tensor copies every entry read,
+    which at batch 16 costs more than the attention itself.
+    """
+    ids = slots.tolist()
+    if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+        return slice(ids[0], ids[0] + len(ids))
+    return slots
 
 
 def cache_attention_mask(prefix_lens: Tensor, local: Tensor, total: int) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eyas.engine.kv_cache import KVCache
+from eyas.engine.kv_cache import KVCache, slot_selector
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -149,60 +149,65 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Grouped-query attention reading/writing the engine-owned cache of one layer."""
+    """Grouped-query attention reading/writing the engine-owned cache of one layer.
+
+    q, k and v come out of ONE fused projection ``qkv_proj`` (rows: q, then k, then v; the
+    loader concatenates the checkpoint's q_proj/k_proj/v_proj): one GEMM instead of three.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         hd, nh, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (nh + 2 * nkv) * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
-                slots: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, H); cos/sin (B, T, hd); ``layer`` of ``cache`` is read/written at slots
-        (B,); write_pos (B, T) storage index of each new token; mask (B, T, S) bool, True =
-        attend to slot position s < S. Returns (B, T, H)."""
+                slots: Tensor, read_slots: Tensor | slice, write_pos: Tensor, mask: Tensor
+                ) -> Tensor:
+        """x (B, T, H); cos/sin (B, T, hd); ``layer`` of ``cache`` is written at slots (B,)
+        and read at ``read_slots`` (the same slots, a slice when consecutive); write_pos
+        (B, T) storage index of each new token; mask (B, T, S) bool, True = attend to slot
+        position s < S. Returns (B, T, H)."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, nkv, hd)
-        v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        nh, nkv = cfg.num_heads, cfg.num_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, cfg.head_dim)  # (B, T, nh+2nkv, hd)
+        qk, v = qkv[:, :, : nh + nkv], qkv[:, :, nh + nkv:]
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotated together
+        q, k = qk[:, :, :nh], qk[:, :, nh:]  # (B, T, nh, hd), (B, T, nkv, hd)
         cache.write(layer, slots, write_pos, k, v)
-        keys, values = cache.gather(layer, slots, mask.shape[-1])  # each (B, nkv, S, hd)
+        keys, values = cache.gather(layer, read_slots, mask.shape[-1])  # each (B, nkv, S, hd)
+        # Attention runs in the cache's dtype: fp32 on CPU, where bf16 SDPA is 5x slower.
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None],
+            q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask[:, None],
             enable_gqa=True,
-        )  # (B, nh, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim))
+        ).to(x.dtype)  # (B, nh, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * cfg.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward; gate and up come out of one fused ``gate_up_proj`` (gate rows first)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, f, bias=bias)
-        self.up_proj = nn.Linear(h, f, bias=bias)
+        self.gate_up_proj = nn.Linear(h, 2 * f, bias=bias)
         self.down_proj = nn.Linear(f, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (B, T, F)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -216,14 +221,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
-                slots: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
+                slots: Tensor, read_slots: Tensor | slice, write_pos: Tensor, mask: Tensor
+                ) -> Tensor:
         h = self.input_layernorm(x)
-        x = x + self.self_attn(h, cos, sin, cache, layer, slots, write_pos, mask)
+        x = x + self.self_attn(h, cos, sin, cache, layer, slots, read_slots, write_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
-    """The target decoder. Parameter names equal the Hugging Face ones minus ``model.``."""
+    """The target decoder. Parameter names equal the Hugging Face ones minus ``model.``, except
+    the fused ``qkv_proj`` and ``gate_up_proj`` (see ``fuse_projections``)."""
 
     def __init__(self, cfg: ModelConfig, aux_layer_ids: list[int] | None = None) -> None:
         super().__init__()
@@ -244,8 +251,9 @@ class Transformer(nn.Module):
         """An empty cache of ``num_slots`` sequences of up to ``max_len`` tokens each."""
         p = self.embed_tokens.weight
         cfg = self.config
+        dtype = torch.float32 if p.device.type == "cpu" else p.dtype  # see Attention.forward
         return KVCache(cfg.num_layers, num_slots, max_len, cfg.num_kv_heads, cfg.head_dim,
-                       dtype=p.dtype, device=p.device)
+                       dtype=dtype, device=p.device)
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
                 write_pos: Tensor, mask: Tensor, last_only: bool = False) -> tuple[Tensor, Tensor]:
@@ -261,8 +269,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         aux: dict[int, Tensor] = {}
+        read_slots = slot_selector(slots)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, write_pos, mask)
+            x = layer(x, cos, sin, cache, i, slots, read_slots, write_pos, mask)
             if i in self.aux_layer_ids:
                 aux[i] = x
         aux_cat = torch.cat([aux[i] for i in self.aux_layer_ids], dim=-1)
@@ -317,9 +326,30 @@ def load_safetensors_dir(directory: Path) -> dict[str, Tensor]:
     return state
 
 
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint keys -> module keys: q/k/v and gate/up weights (and biases) concatenated along
+    the output dimension into ``qkv_proj`` / ``gate_up_proj``; other keys unchanged."""
+    out = dict(state)
+    for key in list(state):
+        for fused, parts in FUSED.items():
+            prefix, _, tail = key.partition(parts[0] + ".")
+            if not tail:
+                continue
+            names = [f"{prefix}{part}.{tail}" for part in parts]
+            if all(n in state for n in names):
+                out[f"{prefix}{fused}.{tail}"] = torch.cat([state[n] for n in names], dim=0)
+                for n in names:
+                    out.pop(n)
+    return out
+
+
 def _load_state(model: Transformer, hf_state: dict[str, Tensor], directory: Path) -> None:
     """Map Hugging Face keys onto the module and assign them; missing/unexpected keys raise."""
-    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    state = fuse_projections({k.removeprefix("model."): v for k, v in hf_state.items()})
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (

@@ -71,17 +71,19 @@ def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
     logits = logits.float()
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    sorted_logits, _ = scaled.sort(dim=-1, descending=True)  # (N, V)
-    k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # (N, 1)
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if bool((top_k > 0).any()):  # sorting 50-150k logits per row is costly: only when asked
+        k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+        top = scaled.topk(int(k.max()), dim=-1).values  # (N, kmax) descending
+        kth = top.gather(1, (k - 1)[:, None])  # (N, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = scaled.softmax(-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # (N, V)
-    drop_sorted = mass_before >= top_p[:, None]
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(-1, keepdim=True)
+    if bool((top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p  # (N, V)
+        drop_sorted = mass_before >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], one_hot, probs)
 

@@ -67,17 +67,10 @@ def target_info(path: str, aux_layer_ids: list[int] | None) -> TargetInfo:
 
 
 def load_target(path: str, dtype: str, use_gpu: bool) -> tuple[Any, torch.device]:
-    """The target's decoder stack (``AutoModel``: no lm_head, so no (B, T, V) logits) in eval mode."""
-    from transformers import AutoModel
+    """The target's decoder stack (no lm_head, so no (B, T, V) logits) in eval mode."""
+    from eyas.targets import load_hf_model
 
-    from eyas.data.regenerate import resolve_dtype  # "auto": bf16 on GPU, fp32 on CPU
-
-    if use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("features.num_gpus_per_actor > 0 but this actor sees no CUDA device; "
-                           "set features.num_gpus_per_actor=0 to run the target on CPU")
-    device = torch.device("cuda" if use_gpu else "cpu")
-    model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype, use_gpu))
-    return model.to(device).eval(), device
+    return load_hf_model(path, dtype, use_gpu, with_head=False)
 
 
 def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:

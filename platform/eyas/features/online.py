@@ -18,12 +18,14 @@ from typing import Any
 import pyarrow as pa
 
 from eyas import metrics, storage
-from eyas.assets import resolve_asset, resolve_model_path
+from eyas.assets import resolve_asset
 from eyas.config import ConfigError
 from eyas.features.capture import TargetInfo, capture_batch, load_target, target_info
 from eyas.features.config import FeaturesConfig
 from eyas.features.rows import SPLITS, select_rows
 from eyas.features.schema import FEATURE_SCHEMA, encode_row
+from eyas.runtime import use_torch_threads
+from eyas.targets import resolve_target
 
 LIGHT_CPUS = 0.25  # the split/overflow step is cheap: let it share cores with the target actors
 
@@ -57,7 +59,7 @@ def open_data_artifact(cfg: FeaturesConfig) -> dict[str, Any]:
     data_target = (manifest.get("config") or {}).get("target")
     if data_target is None:
         raise storage.ArtifactError(f"{cfg.data}/manifest.json has no config.target; rerun the data stage")
-    ours = resolve_model_path(cfg.target, "features.target")
+    ours = resolve_target(cfg.target, "features.target")
     theirs = resolve_asset(data_target, "data manifest config.target")  # may live on another machine
     if not _same_model(ours, theirs) and not cfg.allow_target_mismatch:
         raise ConfigError(
@@ -68,9 +70,9 @@ def open_data_artifact(cfg: FeaturesConfig) -> dict[str, Any]:
     return manifest
 
 
-def resolve_target(cfg: FeaturesConfig) -> TargetInfo:
+def feature_target_info(cfg: FeaturesConfig) -> TargetInfo:
     """The target's sizes and validated capture layers; max_length must fit its context."""
-    info = target_info(resolve_model_path(cfg.target, "features.target"), cfg.aux_layer_ids)
+    info = target_info(resolve_target(cfg.target, "features.target"), cfg.aux_layer_ids)
     if info.max_position_embeddings and cfg.max_length > info.max_position_embeddings:
         raise ConfigError(f"features.max_length={cfg.max_length} exceeds the target's "
                           f"max_position_embeddings={info.max_position_embeddings}; lower features.max_length")
@@ -84,13 +86,14 @@ class TargetCapture:
     over its batch (CPU fp32 or GPU bf16 by default)."""
 
     def __init__(self, cfg: FeaturesConfig, info: TargetInfo) -> None:
-        import torch
 
-        torch.set_num_threads(max(1, int(cfg.num_cpus_per_actor)))  # more threads than cores thrash
+        self.threads = max(1, int(cfg.num_cpus_per_actor))  # more threads than cores thrash
+        use_torch_threads(self.threads)
         self.cfg, self.info = cfg, info
         self.model, self.device = load_target(info.path, cfg.dtype, cfg.num_gpus_per_actor > 0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        use_torch_threads(self.threads)
         rows = batch.to_pylist()
         if not rows:
             return FEATURE_SCHEMA.empty_table()
@@ -120,7 +123,7 @@ def build_feature_dataset(cfg: FeaturesConfig, split: str = "train",
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     open_data_artifact(cfg)
-    info = info or resolve_target(cfg)
+    info = info or feature_target_info(cfg)
     fs, path = storage.resolve(data_files_uri(cfg))
     ds = ray.data.read_parquet(path, filesystem=fs).select_columns(["id", "input_ids", "loss_mask"])
     ds = ds.map_batches(select_rows, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
@@ -154,7 +157,7 @@ def feature_info(cfg: FeaturesConfig) -> dict[str, Any]:
     if cfg.mode == "offline":
         manifest = finished_manifest(cfg.artifact, "features.artifact")
         return {**manifest["target"], "encoding": manifest["config"]["encoding"]}
-    return {**target_dict(resolve_target(cfg)), "encoding": cfg.encoding}
+    return {**target_dict(feature_target_info(cfg)), "encoding": cfg.encoding}
 
 
 def target_dict(info: TargetInfo) -> dict[str, Any]:

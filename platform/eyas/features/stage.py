@@ -28,8 +28,8 @@ from eyas.features.config import FeaturesConfig, FeaturesJobConfig
 from eyas.features.online import (
     build_feature_dataset,
     data_files_uri,
+    feature_target_info,
     open_data_artifact,
-    resolve_target,
     target_dict,
 )
 from eyas.features.rows import SPLITS, plan
@@ -146,7 +146,7 @@ def run_features_stage(job: FeaturesJobConfig) -> dict[str, Any]:
         return out.manifest()
     start = time.perf_counter()
     planned = plan(*read_lengths(cfg), cfg.eval_fraction, cfg.max_length, cfg.overflow)
-    info = resolve_target(cfg)
+    info = feature_target_info(cfg)
     seconds = {"prepare": time.perf_counter() - start}
     outputs = {split: out.path(split) for split in SPLITS}
     for split in SPLITS:

@@ -71,7 +71,8 @@ def read_rows(uri: str) -> list[Any]:
 
 
 def row_to_prompt(row: Any, chat: bool, where: str) -> Prompt:
-    """A row is a string, or a mapping with ``messages`` (chat only), ``prompt`` or ``text``."""
+    """A row is a string, or a mapping with ``messages`` (chat only), ``prompt``, ``text`` or
+    ``turns`` (MT-bench style: the first turn is the prompt)."""
     if isinstance(row, str):
         return as_prompt(row, chat)
     if not isinstance(row, dict):
@@ -83,13 +84,19 @@ def row_to_prompt(row: Any, chat: bool, where: str) -> Prompt:
     for key in ("prompt", "text"):
         if isinstance(row.get(key), str):
             return as_prompt(row[key], chat)
-    raise ValueError(f"{where}: no 'messages', 'prompt' or 'text' field (keys: {sorted(row)})")
+    turns = row.get("turns")  # MT-bench / Vicuna-bench / EAGLE question files: the first turn
+    if isinstance(turns, list) and turns and isinstance(turns[0], str):
+        return as_prompt(turns[0], chat)
+    raise ValueError(f"{where}: no 'messages', 'prompt', 'text' or 'turns' field "
+                     f"(keys: {sorted(row)})")
 
 
 def file_prompts(cfg: WorkloadConfig) -> list[Prompt]:
     """The first ``num_prompts`` rows of ``cfg.path``."""
     assert cfg.path is not None  # guaranteed by WorkloadConfig validation
-    rows = read_rows(cfg.path)[: cfg.num_prompts]
+    from eyas.assets import resolve_asset
+
+    rows = read_rows(resolve_asset(cfg.path, "loadtest.workload.path"))[: cfg.num_prompts]
     if not rows:
         raise ValueError(f"{cfg.path} holds no prompts: point workload.path at a non-empty file")
     return [row_to_prompt(r, cfg.chat, f"{cfg.path} row {i}") for i, r in enumerate(rows)]

@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 
 def load_serving_tokenizer(cfg: ServeConfig) -> Any:
     """The target's tokenizer with its chat template (local dir, assets:, or a hub id)."""
-    from eyas.assets import resolve_model_path
     from eyas.data.chat import load_tokenizer
+    from eyas.targets import resolve_target
 
     key = "tokenizer" if cfg.tokenizer else "model"
-    path = resolve_model_path(cfg.tokenizer or cfg.model, key)
+    path = resolve_target(cfg.tokenizer or cfg.model, key)
     if os.path.isdir(path):
         return load_tokenizer(path)
     from transformers import AutoTokenizer

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eyas.assets import resolve_model_path
 from eyas.features.config import FeaturesConfig
+from eyas.targets import resolve_target
 
 
 @dataclass
@@ -36,8 +36,8 @@ def feature_spec(features: FeaturesConfig, target: str | None = None, key: str =
 
     info = feature_info(features)
     recorded = str(info.get("path") or features.target)
-    path = resolve_model_path(target or recorded, key)
-    if target and resolve_model_path(recorded, "features target") != path:
+    path = resolve_target(target or recorded, key)
+    if target and resolve_target(recorded, "features target") != path:
         raise ValueError(f"{key}={target!r} differs from the target the features were computed "
                          f"with ({recorded!r}); train against that target, or re-run the features stage")
     ids = info.get("aux_layer_ids")

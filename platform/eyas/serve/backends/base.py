@@ -84,23 +84,23 @@ class Backend(Protocol):
 def local_draft_dir(value: str, key: str) -> str:
     """A draft directory usable by a local loader: ``assets:`` resolved, ``s3://`` and ``gs://``
     directories copied to a local temporary folder, hub ids passed through (SGLang)."""
-    from eyas.assets import resolve_model_path
     from eyas.storage import is_remote
+    from eyas.targets import resolve_target
 
     if is_remote(value):
         return download_dir(value, DRAFT_FILES)
-    return resolve_model_path(value, key)
+    return resolve_target(value, key)
 
 
 def target_model_path(value: str) -> str:
     """The target model as a local directory (``assets:`` resolved) or a hub id."""
-    from eyas.assets import resolve_model_path
     from eyas.storage import is_remote
+    from eyas.targets import resolve_target
 
     if is_remote(value):
         raise ValueError(f"model={value!r}: the target must be a local directory (or a hub id "
                          "for SGLang); copy it to the nodes' disk first")
-    return resolve_model_path(value, "model")
+    return resolve_target(value, "model")
 
 
 def download_dir(uri: str, files: tuple[str, ...]) -> str:

@@ -43,9 +43,11 @@ MAX_CONSECUTIVE_FAILURES = 3
 class EngineLoop:
     """Steps an ``Engine`` on a daemon thread and routes outputs to per-request sinks."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.5) -> None:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.5,
+                 torch_threads: int | None = None) -> None:
         self.engine = engine
         self._idle_wait_s = idle_wait_s
+        self._torch_threads = torch_threads  # set in the loop thread: OpenMP counts per thread
         self._sinks: dict[str, Sink] = {}  # touched by the loop thread only
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -105,6 +107,10 @@ class EngineLoop:
             fn()
 
     def _run(self) -> None:
+        if self._torch_threads is not None:
+            from eyas.runtime import use_torch_threads
+
+            use_torch_threads(self._torch_threads)
         while not self._stop:
             self._run_commands()
             if not self.engine.has_unfinished():
@@ -183,8 +189,6 @@ class EyasBackend:
         from eyas.engine.engine import Engine, SpecConfig
 
         ecfg = cfg.engine
-        if ecfg.num_threads is not None:
-            torch.set_num_threads(ecfg.num_threads)
         spec = None
         if cfg.speculative is not None:
             draft_dir = local_draft_dir(cfg.speculative.draft_path, "speculative.draft_path")
@@ -197,7 +201,7 @@ class EyasBackend:
                              max_seq_len=ecfg.max_seq_len, tokenizer=tokenizer)
         self.max_context = self.engine.max_seq_len
         self.max_batch_size = ecfg.max_batch_size
-        self._loop = EngineLoop(self.engine)
+        self._loop = EngineLoop(self.engine, torch_threads=ecfg.num_threads)
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> EyasStream:
