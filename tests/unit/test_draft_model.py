@@ -225,25 +225,3 @@ def test_load_target_head_sharded_tied_and_incomplete(tmp_path):
         (tmp_path / "empty" / "config.json").write_text("{}")
         load_target_head(tmp_path / "empty")
 
-
-def test_init_from_target_copies_mapped_lm_head_rows_and_norm():
-    """Row i of the draft lm_head is target row i + d2t[i]; the norm is the target's."""
-    from eyas.draft.vocab import build_vocab_mapping
-
-    draft = make_draft()
-    cfg = draft.config
-    counts = torch.zeros(cfg.vocab_size)
-    used = torch.randperm(cfg.vocab_size)[: cfg.draft_vocab_size]
-    counts[used] = 1.0
-    d2t, t2d = build_vocab_mapping(counts, cfg.draft_vocab_size)
-    draft.set_vocab_mapping(d2t, t2d)
-    target_head = torch.randn(cfg.vocab_size, cfg.hidden_size)
-    norm = torch.rand(cfg.hidden_size) + 0.5
-    draft.init_from_target(target_head, norm)
-    expected = target_head[torch.sort(used).values]
-    torch.testing.assert_close(draft.lm_head.weight, expected)
-    torch.testing.assert_close(draft.norm.weight, norm)
-    out = torch.randn(1, 3, cfg.hidden_size)
-    # The draft's logits over its vocab are the target's logits at the mapped ids.
-    ref = F.linear(rms(out, norm, cfg.rms_norm_eps), target_head)[..., torch.sort(used).values]
-    torch.testing.assert_close(draft.logits(out), ref, atol=1e-5, rtol=1e-5)

@@ -107,3 +107,25 @@ def test_hf_backend_never_runs_past_the_context(stories260k):
     assert gens[0].num_tokens <= 6 and gens[0].finish_reason in ("length", "stop")
     assert gens[1] == Generation("", 0, "length")
     assert gens[2].num_tokens == 50  # a long neighbour does not cut a short prompt's reply
+
+
+def test_reply_cache_resumes_and_keys_on_settings(tmp_path):
+    """A second run over the same cache regenerates nothing; other settings or another
+    conversation miss the cache; results come back in input order."""
+    from eyas.data.regenerate import ReplyCache, regenerate_cached
+
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": None}] for q in "abc"]
+    uri = str(tmp_path / "cache")
+    cfg = GenerationConfig(engine="hf")
+    first = EchoBackend()
+    out, cached = regenerate_cached(convs[:2], first, lambda h: [len(h)], ReplyCache(uri, "t", cfg))
+    assert cached == [False, False] and len(first.calls) == 1
+    again = EchoBackend()
+    out2, cached2 = regenerate_cached(convs, again, lambda h: [len(h)], ReplyCache(uri, "t", cfg))
+    assert cached2 == [True, True, False] and again.calls == [[[1]]]  # only "c" generated
+    assert [r.messages for r in out2[:2]] == [r.messages for r in out]
+    placement = cfg.model_copy(update={"batch_size": 64, "num_actors": 3})
+    assert ReplyCache(uri, "t", placement).get(convs[0]) is not None  # batching is not in the key
+    assert ReplyCache(uri, "t", cfg.model_copy(update={"temperature": 0.7})).get(convs[0]) is None
+    assert ReplyCache(uri, "other-target", cfg).get(convs[0]) is None
+    assert ReplyCache(None, "t", cfg).get(convs[0]) is None

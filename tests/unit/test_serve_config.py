@@ -91,17 +91,16 @@ def test_the_yaml_files_exist() -> None:
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
-def test_yaml_is_a_valid_serve_config_with_valid_args(path: Path, monkeypatch) -> None:
+def test_yaml_is_a_valid_serve_config_with_valid_args(path: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    monkeypatch.syspath_prepend(str(REPO))
-    from serve_apps.eyas_app import build_app as yaml_builder
+    from eyas.serve.app import build_app as yaml_builder
 
     text = path.read_text()
     assert f"serve run serve_apps/{path.name}" in text  # the header shows the command
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (app,) = schema.applications
-    assert app.import_path == "serve_apps.eyas_app:build_app"
+    assert app.import_path == "eyas.serve.app:build_app"  # importable where only eyas is installed
     c = validate_config(ServeConfig, app.args, source=path.name)
     bound = yaml_builder(app.args)  # builds without loading a model or importing sglang
     assert bound is not None

@@ -93,7 +93,7 @@ def test_resolve_dtype() -> None:
 @pytest.mark.parametrize(("steps", "topk", "tokens"), [(5, 1, 6), (4, 3, 8)])
 def test_smollm2_greedy_eagle3_equals_plain(smollm2: Path, steps: int, topk: int, tokens: int) -> None:
     """Greedy EAGLE-3 output == greedy plain output, token for token, on the real chat model
-    (a head initialised from the target's lm_head, untrained: it proposes wrong tokens too)."""
+    (an untrained head: it proposes wrong tokens too)."""
     import json
 
     from eyas.draft.model import DraftConfig, Eagle3Draft
@@ -109,3 +109,19 @@ def test_smollm2_greedy_eagle3_equals_plain(smollm2: Path, steps: int, topk: int
     spec = Engine(str(smollm2), SpecConfig(None, steps, topk, tokens), max_batch_size=2,
                   max_seq_len=256, draft=draft).generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+
+def test_features_accept_data_made_with_the_same_target_name(tmp_path: Path) -> None:
+    """A registered name recorded by the data stage matches the same name in features (the
+    name is never resolved to a path on the data side, so no conversion is needed to compare)."""
+    from eyas import storage
+    from eyas.features.config import FeaturesConfig
+    from eyas.features.online import open_data_artifact
+
+    data = storage.Artifact(str(tmp_path / "data"))
+    data.write_manifest("data", {"target": "smollm2-135m-instruct"}, "h")
+    cfg = FeaturesConfig(data=data.uri, target="smollm2-135m-instruct")
+    assert open_data_artifact(cfg)["config"]["target"] == "smollm2-135m-instruct"
+    other = FeaturesConfig(data=data.uri, target=str(tmp_path / "no-model"))
+    with pytest.raises(ConfigError):
+        open_data_artifact(other)

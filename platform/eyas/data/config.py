@@ -30,6 +30,7 @@ class GenerationConfig(StrictModel):
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
+    resume: bool = True  # keep finished replies in <run.output>.regen_cache: a rerun regenerates only what is missing
     keep_truncated: bool = True  # keep replies cut by max_new_tokens (counted either way)
     batch_size: int = Field(default=16, ge=1)  # prompts per call (eyas: concurrent slots)
     max_seq_len: int = Field(default=2048, ge=16)  # eyas: KV cache length per slot (prompt + reply)

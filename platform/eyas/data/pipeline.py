@@ -60,8 +60,14 @@ def read_sources(cfg: DataConfig) -> Any:
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def build_dataset(cfg: DataConfig) -> Any:
-    """The lazy pipeline; nothing runs until it is materialized."""
+def reply_cache_uri(output: str) -> str:
+    """Regenerated replies persist beside the artifact (its directory is cleared on a rerun)."""
+    return output.rstrip("/") + ".regen_cache"
+
+
+def build_dataset(cfg: DataConfig, cache_uri: str | None = None) -> Any:
+    """The lazy pipeline; nothing runs until it is materialized. ``cache_uri``: where finished
+    regenerations persist, so a killed run resumes (None: nothing is kept)."""
     import ray.data
 
     ds = read_sources(cfg)
@@ -74,7 +80,8 @@ def build_dataset(cfg: DataConfig) -> Any:
     if gen.mode == "regenerate":
         ds = ds.map_batches(Regenerator, compute=ray.data.ActorPoolStrategy(size=gen.num_actors),
                             num_gpus=gen.num_gpus_per_actor, num_cpus=gen.num_cpus_per_actor,
-                            **{**common, "batch_size": gen.batch_size})
+                            **{**common, "batch_size": gen.batch_size,
+                               "fn_constructor_args": (cfg, cache_uri)})
     return ds.map_batches(Templater, compute=ray.data.ActorPoolStrategy(size=1), **light)
 
 
@@ -128,7 +135,8 @@ def run_data_stage(job: DataJobConfig) -> dict[str, Any]:
         return out.manifest()
     start = time.perf_counter()
     inputs = [f for _, files in source_files(job.data) for f in files]
-    ds = build_dataset(job.data).materialize()
+    cache_uri = reply_cache_uri(job.run.output) if job.data.generation.resume else None
+    ds = build_dataset(job.data, cache_uri).materialize()
     summary = summarize(ds)
     outputs = write_outputs(ds, out, job.data.rows_per_shard)
     outputs["pii_report"] = out.path("pii_report.json")

@@ -7,6 +7,8 @@ by turn, so every reply is generated on top of the already regenerated history.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -214,3 +216,61 @@ def regenerate(conversations: list[list[dict[str, Any]]], backend: GenerationBac
             res.messages[slot]["content"] = gen.text
             res.finish_reasons.append(gen.finish_reason)
             res.generated_tokens += gen.num_tokens
+
+
+# Settings that do not change a reply (placement and batching) stay out of the cache key.
+NOT_IN_KEY = {"batch_size", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor",
+              "torch_threads", "max_seq_len", "tp_size", "mem_fraction_static", "keep_truncated",
+              "resume"}
+
+
+class ReplyCache:
+    """Finished regenerations keyed by (target, generation settings, conversation), written one
+    file per batch under ``uri``: a killed or restarted data stage regenerates only what is
+    missing. ``uri=None`` keeps nothing."""
+
+    def __init__(self, uri: str | None, target: str, cfg: GenerationConfig) -> None:
+        from eyas import storage
+
+        self.uri = uri
+        settings = cfg.model_dump(mode="json", exclude=NOT_IN_KEY)
+        self.salt = json.dumps({"target": target, "generation": settings}, sort_keys=True)
+        self.known: dict[str, Regenerated] = {}
+        for f in storage.list_files(uri, ".json") if uri else []:
+            for item in storage.read_json(f):
+                self.known[item["key"]] = Regenerated(item["messages"], item["finish_reasons"],
+                                                      item["generated_tokens"])
+
+    def key(self, conversation: list[dict[str, Any]]) -> str:
+        text = self.salt + json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, conversation: list[dict[str, Any]]) -> Regenerated | None:
+        return self.known.get(self.key(conversation))
+
+    def put(self, pairs: list[tuple[list[dict[str, Any]], Regenerated]]) -> None:
+        """Persist a batch of (input conversation, result); one atomic file per batch."""
+        from eyas import storage
+
+        if not self.uri or not pairs:
+            return
+        items = [{"key": self.key(conv), "messages": res.messages,
+                  "finish_reasons": res.finish_reasons, "generated_tokens": res.generated_tokens}
+                 for conv, res in pairs]
+        name = hashlib.sha256("".join(i["key"] for i in items).encode()).hexdigest()[:24]
+        storage.write_json(storage.join(self.uri, f"{name}.json"), items)
+        for conv, res in pairs:
+            self.known[self.key(conv)] = res
+
+
+def regenerate_cached(conversations: list[list[dict[str, Any]]], backend: GenerationBackend,
+                      prompt_ids: Callable[[list[dict[str, Any]]], list[int]],
+                      cache: ReplyCache) -> tuple[list[Regenerated], list[bool]]:
+    """``regenerate`` for the conversations the cache lacks; returns all results in order and,
+    per conversation, whether it came from the cache."""
+    found = [cache.get(c) for c in conversations]
+    todo = [c for c, hit in zip(conversations, found, strict=True) if hit is None]
+    fresh = iter(regenerate(todo, backend, prompt_ids) if todo else [])
+    results = [hit if hit is not None else next(fresh) for hit in found]
+    cache.put([(c, r) for c, r, hit in zip(conversations, results, found, strict=True) if hit is None])
+    return results, [hit is not None for hit in found]

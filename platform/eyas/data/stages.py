@@ -158,11 +158,11 @@ class PiiScrubber:
 class Regenerator:
     """Replace every assistant reply with the target's own, turn by turn (see ``regenerate``)."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, cache_uri: str | None = None):
         import math
 
         from eyas.data.chat import generation_prompt_ids
-        from eyas.data.regenerate import BACKENDS
+        from eyas.data.regenerate import BACKENDS, ReplyCache
 
         self.cfg = cfg.generation
         # Ray sets OMP_NUM_THREADS from an actor's CPUs rounded down; choose threads on purpose.
@@ -173,24 +173,27 @@ class Regenerator:
         self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)
         self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history)
         self.done = 0  # conversations this actor regenerated (its progress line)
+        self.cache = ReplyCache(cache_uri, cfg.target, self.cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from eyas.data.regenerate import regenerate
+        from eyas.data.regenerate import regenerate_cached
 
         use_torch_threads(self.threads)
         rows = to_rows(batch)
         live = [r for r in rows if r["status"] == "ok"]
         start = time.perf_counter()
-        results = regenerate([messages_of(r) for r in live], self.backend, self.prompt_ids) if live else []
+        results, cached = regenerate_cached([messages_of(r) for r in live], self.backend,
+                                            self.prompt_ids, self.cache)
         for row, res in zip(live, results, strict=True):
             row.update(messages_json=json.dumps(res.messages, ensure_ascii=False),
                        finish_reasons=",".join(res.finish_reasons), generated_tokens=res.generated_tokens)
             self._filter(row, res)
-        tokens, seconds = sum(r.generated_tokens for r in results), time.perf_counter() - start
+        tokens = sum(r.generated_tokens for r, hit in zip(results, cached, strict=True) if not hit)
+        seconds = time.perf_counter() - start
         self._record(tokens, seconds)
         self.done += len(live)
-        print(f"[eyas.data] regenerated {self.done} conversations so far (+{len(live)}: {tokens} "
-              f"tokens in {seconds:.0f} s, {tokens / max(seconds, 1e-9):.0f} tokens/s)", flush=True)
+        print(f"[eyas.data] regenerated {self.done} conversations so far (+{len(live)}, "
+              f"{sum(cached)} from the resume cache; {tokens} new tokens in {seconds:.0f} s)", flush=True)
         count_rows("regenerate", rows)
         return to_table(rows)
 

@@ -454,20 +454,6 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    @torch.no_grad()
-    def init_from_target(self, lm_head_weight: Tensor, norm_weight: Tensor | None) -> None:
-        """Start the output side where the target's is: ``lm_head`` rows of the draft tokens
-        (lm_head_weight (V, H), rows ``i + d2t[i]``) and the target's final norm (H,).
-
-        The head then only has to learn features the target's own head already reads, which
-        makes short CPU runs converge far faster than from N(0, 0.02). Call after the vocab
-        mapping is set.
-        """
-        rows = self.draft_to_target(torch.arange(self.config.draft_vocab_size, device=self.d2t.device))
-        self.lm_head.weight.copy_(lm_head_weight.to(self.lm_head.weight)[rows.to(lm_head_weight.device)])
-        if norm_weight is not None:
-            self.norm.weight.copy_(norm_weight.to(self.norm.weight))
-
     def _rope_freqs(self, device: torch.device) -> Tensor:
         if device not in self._inv_freq_cache:
             self._inv_freq_cache[device] = self._inv_freq.to(device)

@@ -98,12 +98,3 @@ def load_target_head(model_dir: str | Path) -> tuple[Tensor, Tensor, dict[str, A
                          f"{tuple(embed.shape)} differ in shape")
     return embed, lm_head, config
 
-
-def load_target_final_norm(model_dir: str | Path) -> Tensor | None:
-    """The target's final RMSNorm weight (H,) (``model.norm.weight``), or None if absent."""
-    path = Path(model_dir)
-    weight_map = _weight_map(path)
-    for key in ("model.norm.weight", "norm.weight", "model.language_model.norm.weight"):
-        if key in weight_map:
-            return _read_tensor(path, weight_map[key], key)
-    return None

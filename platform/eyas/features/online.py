@@ -27,6 +27,7 @@ from eyas.features.schema import FEATURE_SCHEMA, encode_row
 from eyas.runtime import use_torch_threads
 from eyas.targets import resolve_target
 
+PROGRESS_EVERY = 64  # rows between an actor's progress lines
 LIGHT_CPUS = 0.25  # the split/overflow step is cheap: let it share cores with the target actors
 
 
@@ -59,6 +60,8 @@ def open_data_artifact(cfg: FeaturesConfig) -> dict[str, Any]:
     data_target = (manifest.get("config") or {}).get("target")
     if data_target is None:
         raise storage.ArtifactError(f"{cfg.data}/manifest.json has no config.target; rerun the data stage")
+    if cfg.target == data_target:  # the same name (a registered target, a path or an id)
+        return manifest
     ours = resolve_target(cfg.target, "features.target")
     theirs = resolve_asset(data_target, "data manifest config.target")  # may live on another machine
     if not _same_model(ours, theirs) and not cfg.allow_target_mismatch:
@@ -87,9 +90,10 @@ class TargetCapture:
 
     def __init__(self, cfg: FeaturesConfig, info: TargetInfo) -> None:
 
-        self.threads = max(1, int(cfg.num_cpus_per_actor))  # more threads than cores thrash
+        self.threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
         use_torch_threads(self.threads)
         self.cfg, self.info = cfg, info
+        self.rows_done = self.tokens_done = 0  # this actor's progress line
         self.model, self.device = load_target(info.path, cfg.dtype, cfg.num_gpus_per_actor > 0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -105,8 +109,12 @@ class TargetCapture:
         self._record(sum(len(r["input_ids"]) for r in rows), len(rows), time.perf_counter() - start)
         return pa.Table.from_pylist(out, schema=FEATURE_SCHEMA)
 
-    @staticmethod
-    def _record(tokens: int, rows: int, seconds: float) -> None:
+    def _record(self, tokens: int, rows: int, seconds: float) -> None:
+        self.rows_done += rows
+        self.tokens_done += tokens
+        if self.rows_done // PROGRESS_EVERY > (self.rows_done - rows) // PROGRESS_EVERY:
+            print(f"[eyas.features] {self.rows_done} rows, {self.tokens_done} tokens captured "
+                  f"({tokens / max(seconds, 1e-9):.0f} tokens/s now)", flush=True)
         metrics.inc("eyas_features_tokens_total", tokens, "tokens run through the target for features")
         metrics.inc("eyas_features_rows_total", rows, "feature rows produced")
         if seconds > 0:

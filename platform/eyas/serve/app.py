@@ -1,8 +1,9 @@
 """The Ray Serve application: one autoscaled deployment serving the OpenAI-compatible API.
 
 ``build_app(args)`` is the builder a ``serve run``/``serve deploy`` YAML references (through
-``serve_apps.eyas_app:build_app``): it validates ``args`` as a ``ServeConfig`` on the driver
-and returns the bound deployment with the configured replicas, autoscaling and
+``import_path: eyas.serve.app:build_app``, importable wherever eyas is installed: ``serve
+deploy`` ships no code): it validates ``args`` as a ``ServeConfig`` on the driver and returns
+the bound deployment with the configured replicas, autoscaling and
 ``ray_actor_options``. Each replica builds its ``OpenAIServer`` (tokenizer + backend) once and
 serves ``routes.build_fastapi_app`` over it; Serve's health check calls the backend's.
 """

@@ -25,7 +25,6 @@ class TrainConfig(StrictModel):
 
     target: str | None = None  # None: the features manifest's target (offline) or features.target
     init_from: str | None = None  # an exported draft dir to fine-tune: its weights AND vocab mapping
-    init_head_from_target: bool = True  # lm_head rows + final norm from the target (not with init_from)
     draft_vocab_size: int = Field(default=32000, ge=1)  # clamped to the target vocab (identity then)
     ttt_length: int = Field(default=7, ge=1)  # unrolled steps; metrics acc_0 .. acc_{ttt_length-1}
     step_decay: float = Field(default=0.8, gt=0.0, le=1.0)  # loss weight decay**k of step k

@@ -73,10 +73,8 @@ class TTTModule(nn.Module):
 # ----------------------------------------------------------------------------- building blocks
 
 
-def build_draft(spec: LoopSpec, lm_head: Tensor | None = None,
-                final_norm: Tensor | None = None) -> Eagle3Draft:
-    """The head with the run's vocab mapping; initial weights from the seed or ``init_weights``
-    (and, with ``train.init_head_from_target``, the target's lm_head rows and final norm)."""
+def build_draft(spec: LoopSpec) -> Eagle3Draft:
+    """The head with the run's vocab mapping; initial weights from the seed or ``init_weights``."""
     import ray
     from safetensors.torch import load
 
@@ -85,8 +83,6 @@ def build_draft(spec: LoopSpec, lm_head: Tensor | None = None,
     draft = Eagle3Draft(DraftConfig(**spec.draft_config)).float()
     mapping = load(spec.vocab_mapping)
     draft.set_vocab_mapping(mapping["d2t"], mapping["t2d"])
-    if spec.init_weights is None and train.init_head_from_target and lm_head is not None:
-        draft.init_from_target(lm_head, final_norm)
     if spec.init_weights is not None:
         weights = load(ray.get(spec.init_weights))
         if not (torch.equal(weights["d2t"], draft.d2t) and torch.equal(weights["t2d"], draft.t2d)):
@@ -218,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from eyas.draft.target import load_target_final_norm, load_target_head
+    from eyas.draft.target import load_target_head
 
     spec = LoopSpec(**config)
     train = TrainConfig.model_validate(spec.train)
@@ -233,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Step 2: the frozen target tensors and the head (vocab mapping decided by the driver).
     embed, lm_head, _ = load_target_head(spec.target)
     target = (embed.to(device), lm_head.to(device))
-    module = prepare_module(build_draft(spec, lm_head, load_target_final_norm(spec.target)), train)
+    module = prepare_module(build_draft(spec), train)
     optimizer, scheduler = build_optimizer([p for p in module.parameters() if p.requires_grad], train,
                                            spec.max_steps)
 

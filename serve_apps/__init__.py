@@ -1,1 +1,0 @@
-"""Ray Serve application builders and the ``serve run``/``serve deploy`` YAML files."""
