@@ -25,12 +25,17 @@ def rec(chunks: list[float], out: int | None, end: float, cum: list[int | None] 
 
 # --- per-request metrics -----------------------------------------------------------------------
 
+def flat(pairs: list[tuple[float, float]]) -> list[float]:
+    """(value, weight) pairs -> [v0, w0, v1, w1, ...] for pytest.approx."""
+    return [x for pair in pairs for x in pair]
+
+
 def test_single_token_chunks() -> None:
     r = rec([0.2, 0.22, 0.24, 0.26], out=4, end=0.27)
     assert metrics.ttft_s(r) == pytest.approx(0.2)
     assert metrics.e2e_s(r) == pytest.approx(0.27)
     assert metrics.tpot_s(r) == pytest.approx(0.07 / 3)
-    assert metrics.itls_s(r) == pytest.approx([0.02, 0.02, 0.02])
+    assert flat(metrics.itl_samples(r)) == pytest.approx(flat([(0.02, 1.0)] * 3))
 
 
 def test_multi_token_chunks_with_usage_deltas() -> None:
@@ -38,14 +43,16 @@ def test_multi_token_chunks_with_usage_deltas() -> None:
     r = rec([0.2, 0.26, 0.32, 0.36], out=9, end=0.36, cum=[1, 4, 7, 9])
     assert metrics.chunk_token_counts(r) == [1, 3, 3, 2]
     assert metrics.tpot_s(r) == pytest.approx(0.16 / 8)
-    assert metrics.itls_s(r) == pytest.approx([0.02] * 8)  # token-weighted: 3 + 3 + 2 values
+    assert flat(metrics.itl_samples(r)) == pytest.approx(flat([(0.02, 3.0), (0.02, 3.0), (0.02, 2.0)]))
 
 
 def test_multi_token_chunks_without_usage_spread_evenly() -> None:
     r = rec([0.2, 0.26, 0.32, 0.36], out=9, end=0.36)
     assert metrics.chunk_token_counts(r) == pytest.approx([2.25] * 4)
-    # each gap / 2.25, repeated round(2.25) = 2 times
-    assert metrics.itls_s(r) == pytest.approx([0.06 / 2.25] * 4 + [0.04 / 2.25] * 2)
+    # each gap / 2.25, weighted by 2.25 tokens (not repeated round(2.25) = 2 times)
+    assert flat(metrics.itl_samples(r)) == pytest.approx(flat([(0.06 / 2.25, 2.25)] * 2 + [(0.04 / 2.25, 2.25)]))
+    d = metrics.describe_weighted(metrics.itl_samples(r), "itl", 1.0)
+    assert d["itl_mean"] == pytest.approx(0.16 / 6.75)  # 0.16 s over the 6.75 tokens after chunk 0
     assert metrics.tpot_s(r) == pytest.approx(0.02)  # TPOT never depends on the chunk split
 
 
@@ -58,14 +65,14 @@ def test_one_output_token_has_ttft_but_no_tpot_or_itl() -> None:
     r = rec([0.15], out=1, end=0.16)
     assert metrics.ttft_s(r) == pytest.approx(0.15)
     assert metrics.tpot_s(r) is None
-    assert metrics.itls_s(r) == []
+    assert metrics.itl_samples(r) == []
 
 
 def test_failed_request_has_no_latencies() -> None:
     r = rec([0.1, 0.2], out=None, end=0.3, error_kind="connection")
     assert not r.ok
     assert metrics.ttft_s(r) is None and metrics.e2e_s(r) is None and metrics.tpot_s(r) is None
-    assert metrics.itls_s(r) == []
+    assert metrics.itl_samples(r) == []
 
 
 def test_percentile_matches_linear_interpolation() -> None:
@@ -78,11 +85,31 @@ def test_percentile_matches_linear_interpolation() -> None:
     assert math.isnan(metrics.percentile([], 50))
 
 
-def test_describe_scales_and_adds_max() -> None:
-    d = metrics.describe([0.01, 0.02, 0.03], "itl_ms", 1e3, with_max=True)
-    assert d["itl_ms_mean"] == pytest.approx(20) and d["itl_ms_median"] == pytest.approx(20)
-    assert d["itl_ms_max"] == pytest.approx(30)
+def test_describe_scales() -> None:
+    d = metrics.describe([0.01, 0.02, 0.03], "tpot_ms", 1e3)
+    assert d["tpot_ms_mean"] == pytest.approx(20) and d["tpot_ms_median"] == pytest.approx(20)
     assert math.isnan(metrics.describe([], "x")["x_mean"])
+
+
+def test_zero_token_chunk_time_goes_into_the_next_gap() -> None:
+    """Chunks at 0.1, 0.2, 0.5, 0.6 s with cumulative tokens 1, 2, 2, 3: ITLs 0.1 and 0.4 (the
+    old rule skipped the empty chunk AND restarted the gap at it, losing 0.3 s)."""
+    r = rec([0.1, 0.2, 0.5, 0.6], out=3, end=0.6, cum=[1, 2, 2, 3])
+    assert flat(metrics.itl_samples(r)) == pytest.approx(flat([(0.1, 1.0), (0.4, 1.0)]))
+    assert sum(g * w for g, w in metrics.itl_samples(r)) == pytest.approx(0.5)  # all time counted
+
+
+def test_weighted_statistics_match_numpy_inverted_cdf() -> None:
+    import numpy as np
+
+    pairs = [(0.01, 3.0), (0.05, 1.0), (0.02, 2.5), (0.2, 0.5)]
+    values, weights = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    d = metrics.describe_weighted(pairs, "itl_ms", 1e3)
+    for q, key in ((50, "median"), (90, "p90"), (99, "p99")):
+        ref = np.percentile(values, q, weights=weights, method="inverted_cdf") * 1e3
+        assert d[f"itl_ms_{key}"] == pytest.approx(ref)
+    assert d["itl_ms_mean"] == pytest.approx(np.average(values, weights=weights) * 1e3)
+    assert d["itl_ms_max"] == pytest.approx(200)
 
 
 def test_acceptance_length_reported_or_derived() -> None:

@@ -6,9 +6,12 @@ Definitions (docs/EAGLE3.md, "Load-test metric definitions"):
 - E2E: request start -> end of the stream.
 - TPOT: ``(e2e - ttft) / (output_tokens - 1)``, only when output_tokens > 1, where
   output_tokens is the server's ``usage.completion_tokens`` (never the number of chunks).
-- ITL: for every content chunk after the first, the gap since the previous content chunk
-  divided by the tokens the chunk carried, counted once per token (token-weighted, as SGLang's
-  bench_serving does), so that mean ITL and TPOT agree when chunks carry several tokens.
+- ITL: for every content chunk after the first that carried tokens, the gap since the previous
+  chunk that carried tokens, divided by the tokens the chunk carried and weighted by them
+  (token-weighted statistics, as SGLang's bench_serving counts per token), so that mean ITL and
+  TPOT agree when chunks carry several tokens. A zero-token chunk's time goes into the next gap.
+  vLLM's ``bench serve`` records one ITL per chunk instead (one per verify step under
+  speculation): its numbers are per step, these are per token.
 - Tokens per chunk: when the server sends a cumulative ``usage.completion_tokens`` with each
   chunk (``continuous_usage_stats``), a chunk carries the increase since the previous content
   chunk. Otherwise every content chunk is taken to carry ``output_tokens / content_chunks``
@@ -98,19 +101,54 @@ def chunk_token_counts(r: RequestRecord) -> list[float]:
     return [(r.output_tokens or 0) / n] * n
 
 
-def itls_s(r: RequestRecord) -> list[float]:
-    """Token-weighted inter-token latencies (seconds) of a successful request."""
-    if not r.ok:
+def itl_samples(r: RequestRecord) -> list[tuple[float, float]]:
+    """Inter-token latencies of a successful request as (seconds per token, tokens) pairs.
+
+    One pair per content chunk after the first that carried tokens: the gap since the previous
+    chunk that carried tokens, divided by this chunk's tokens and weighted by them (the
+    statistics are token-weighted, so fractional even-spread counts stay exact). A chunk the
+    server says carried no token gives no pair and does not move the anchor: its time goes into
+    the next gap (as SGLang's bench_serving counts it).
+    """
+    if not r.ok or not r.chunk_times_s:
         return []
-    out: list[float] = []
-    counts = chunk_token_counts(r)
-    for i in range(1, len(r.chunk_times_s)):
-        tokens = counts[i]
-        if tokens <= 0:  # a content chunk the server says carried no token: nothing to spread
+    out: list[tuple[float, float]] = []
+    anchor = r.chunk_times_s[0]
+    for t, tokens in list(zip(r.chunk_times_s, chunk_token_counts(r), strict=True))[1:]:
+        if tokens <= 0:
             continue
-        gap = (r.chunk_times_s[i] - r.chunk_times_s[i - 1]) / tokens
-        out.extend([gap] * max(1, round(tokens)))
+        out.append(((t - anchor) / tokens, tokens))
+        anchor = t
     return out
+
+
+def weighted_percentile(pairs: list[tuple[float, float]], q: float) -> float:
+    """The q-th percentile (0..100) of weighted values, inverted-CDF: the smallest value whose
+    cumulative weight reaches q% of the total (numpy's ``method="inverted_cdf"`` with weights)."""
+    if not pairs:
+        return math.nan
+    ordered = sorted(pairs)
+    total = sum(w for _, w in ordered)
+    target, seen = total * q / 100.0, 0.0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= target - 1e-12 * total:
+            return value
+    return ordered[-1][0]
+
+
+def describe_weighted(pairs: list[tuple[float, float]], prefix: str, scale: float = 1.0
+                      ) -> dict[str, float]:
+    """``describe`` for (value, weight) pairs: weighted mean, median, p90, p99 and the max."""
+    v = [(x * scale, w) for x, w in pairs]
+    total = sum(w for _, w in v)
+    return {
+        f"{prefix}_mean": sum(x * w for x, w in v) / total if total else math.nan,
+        f"{prefix}_median": weighted_percentile(v, 50),
+        f"{prefix}_p90": weighted_percentile(v, 90),
+        f"{prefix}_p99": weighted_percentile(v, 99),
+        f"{prefix}_max": max(x for x, _ in v) if v else math.nan,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -123,18 +161,15 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def describe(values: list[float], prefix: str, scale: float = 1.0, with_max: bool = False) -> dict[str, float]:
-    """``{prefix}_mean/median/p90/p99`` (and ``_max``) of ``values * scale``; NaN when empty."""
+def describe(values: list[float], prefix: str, scale: float = 1.0) -> dict[str, float]:
+    """``{prefix}_mean/median/p90/p99`` of ``values * scale``; NaN when empty."""
     v = [x * scale for x in values]
-    out = {
+    return {
         f"{prefix}_mean": sum(v) / len(v) if v else math.nan,
         f"{prefix}_median": percentile(v, 50),
         f"{prefix}_p90": percentile(v, 90),
         f"{prefix}_p99": percentile(v, 99),
     }
-    if with_max:
-        out[f"{prefix}_max"] = max(v) if v else math.nan
-    return out
 
 
 def error_counts(records: list[RequestRecord]) -> dict[str, int]:
@@ -198,6 +233,6 @@ def summarize(records: list[RequestRecord], ttft_ms: float | None = None,
     }
     row.update(describe([v for v in map(ttft_s, ok) if v is not None], "ttft_ms", 1e3))
     row.update(describe([v for v in map(tpot_s, ok) if v is not None], "tpot_ms", 1e3))
-    row.update(describe([x for r in ok for x in itls_s(r)], "itl_ms", 1e3, with_max=True))
+    row.update(describe_weighted([p for r in ok for p in itl_samples(r)], "itl_ms", 1e3))
     row.update(describe([v for v in map(e2e_s, ok) if v is not None], "e2e_ms", 1e3))
     return row
