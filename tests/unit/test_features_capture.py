@@ -58,6 +58,27 @@ def test_capture_equals_transformers_output_hidden_states(target, reference):
         torch.testing.assert_close(reference.lm_head(hidden), ref.logits[0], atol=1e-4, rtol=RTOL)
 
 
+def test_capture_never_asks_for_all_hidden_states(target):
+    """Only the three hooked layer outputs are kept: the forward runs without
+    output_hidden_states (which would hold all N + 1 states: 31 x T x H for SmolLM2, 82 for a
+    70B target) and the hooks are removed afterwards."""
+    model, device = target
+    seen = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("output_hidden_states"))
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        capture_batch(model, sequences(), [1, 3, 4], device)
+    finally:
+        del model.forward
+    assert seen == [None]
+    assert all(not layer._forward_hooks for layer in model.layers)
+
+
 def test_aux_layer_ids_are_decoder_layer_outputs(target):
     """aux chunk k == the output of decoder layer AUX_IDS[k] (forward hooks as the reference)."""
     model, device = target

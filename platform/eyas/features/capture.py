@@ -3,7 +3,8 @@
 Pure PyTorch + transformers, no Ray and no I/O beyond loading the model. Layer convention
 (see ``eyas.draft.model``): ``aux_layer_ids`` are 0-based decoder-layer OUTPUT indices; in
 transformers' ``output_hidden_states`` tuple (index 0 = embeddings) layer ``i``'s output sits
-at ``i + 1``. The final hidden state is ``last_hidden_state``: after the final norm, i.e. the
+at ``i + 1`` (they are captured with hooks on the layers, not through that tuple). The final
+hidden state is ``last_hidden_state``: after the final norm, i.e. the
 input of the target's ``lm_head`` (transformers' last ``hidden_states`` entry is the same).
 """
 
@@ -85,19 +86,44 @@ def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
     return ids.to(device), mask.to(device)
 
 
+def decoder_layers(model: Any) -> Any:
+    """The decoder layer list of a transformers base model (``model.layers``, or the text
+    model's for multimodal wrappers)."""
+    for owner in (model, getattr(model, "language_model", None), getattr(model, "model", None)):
+        if owner is not None and hasattr(owner, "layers"):
+            return owner.layers
+    raise ValueError(f"{type(model).__name__} has no .layers: cannot hook its decoder layers")
+
+
 @torch.no_grad()
 def capture_batch(model: Any, seqs: list[list[int]], hidden_states_indices: list[int],
                   device: torch.device) -> list[tuple[Tensor, Tensor]]:
     """One forward over B sequences -> per row (aux (T_b, 3H), hidden (T_b, H)) in the model dtype,
-    on ``device``. aux = the three ``output_hidden_states`` entries concatenated low/mid/high."""
+    on ``device``. aux = the outputs of the three captured layers concatenated low/mid/high.
+
+    Only those three layer outputs are kept, through forward hooks: ``output_hidden_states``
+    would hold all N + 1 states alive (11 GB per 8k-token row for an 81-layer 70B target).
+    """
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("capture_batch needs at least one sequence and no empty sequence")
-    ids, mask = pad_right(seqs, device)  # (B, T), (B, T)
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    states = out.hidden_states  # N + 1 tensors (B, T, H); 0 = embeddings
-    if max(hidden_states_indices) >= len(states):
-        raise ValueError(f"hidden_states indices {hidden_states_indices} exceed the target's "
-                         f"{len(states) - 1} layers")
-    aux = torch.cat([states[i] for i in hidden_states_indices], dim=-1)  # (B, T, 3H)
+    layers = decoder_layers(model)
+    if max(hidden_states_indices) > len(layers) or min(hidden_states_indices) < 1:
+        raise ValueError(f"hidden_states indices {hidden_states_indices} outside the target's "
+                         f"{len(layers)} layers")
+    captured: dict[int, Tensor] = {}
+
+    def keep(index: int) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [layers[i - 1].register_forward_hook(keep(i)) for i in set(hidden_states_indices)]
+    try:
+        ids, mask = pad_right(seqs, device)  # (B, T), (B, T)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    aux = torch.cat([captured[i] for i in hidden_states_indices], dim=-1)  # (B, T, 3H)
     hidden = out.last_hidden_state  # (B, T, H), after the final norm
     return [(aux[b, : len(s)], hidden[b, : len(s)]) for b, s in enumerate(seqs)]
