@@ -24,6 +24,9 @@ import pyarrow.fs as pafs
 MANIFEST = "manifest.json"
 
 
+COPY_CHUNK = 8 << 20  # bytes per streamed chunk in ``copy``
+
+
 class ArtifactError(RuntimeError):
     """An artifact is missing, unfinished, or was produced by a different config."""
 
@@ -90,6 +93,25 @@ def read_bytes(uri: str) -> bytes:
             return inp.read()
     except FileNotFoundError as exc:
         raise ArtifactError(f"{uri} does not exist") from exc
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a file or a whole directory tree between URIs (local, s3://, gs://), streamed in
+    chunks: nothing is held in memory whole (checkpoints and drafts are GBs on real targets)."""
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    kind = src_fs.get_file_info(src_path).type
+    if kind == pafs.FileType.NotFound:
+        raise ArtifactError(f"{src} does not exist")
+    if kind == pafs.FileType.File:
+        dst_fs.create_dir(dst_path.rsplit("/", 1)[0], recursive=True)
+    else:  # the local filesystem does not create the tree's folders by itself
+        for info in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+            if info.type == pafs.FileType.File:
+                rel = info.path[len(src_path.rstrip("/")):].lstrip("/")
+                dst_fs.create_dir(join(dst_path, rel).rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs,
+                    chunk_size=COPY_CHUNK, use_threads=True)
 
 
 def write_json(uri: str, obj: Any) -> None:

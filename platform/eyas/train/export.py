@@ -16,28 +16,20 @@ from eyas.train.checkpoint import MODEL_FILE
 
 
 def upload_dir(local: str | Path, uri: str) -> list[str]:
-    """Copy every file of a local directory to ``uri`` (same relative paths); returns the URIs."""
+    """Copy every file of a local directory to ``uri`` (same relative paths, streamed);
+    returns the URIs written."""
     root = Path(local)
-    written = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        dest = storage.join(uri, path.relative_to(root).as_posix())
-        storage.write_bytes(dest, path.read_bytes())
-        written.append(dest)
-    return written
+    storage.copy(str(root), uri)
+    return [storage.join(uri, p.relative_to(root).as_posix())
+            for p in sorted(p for p in root.rglob("*") if p.is_file())]
 
 
 def download_dir(uri: str, local: str | Path) -> Path:
-    """Copy every file below ``uri`` into the local directory ``local``; returns it."""
-    files = storage.list_files(uri)
-    if not files:
+    """Copy every file below ``uri`` into the local directory ``local`` (streamed); returns it."""
+    if not storage.list_files(uri):
         raise FileNotFoundError(f"{uri}: no files there; point at an exported draft directory")
-    out = Path(local)
-    base = storage.resolve(uri)[1].rstrip("/")
-    for f in files:
-        rel = storage.resolve(f)[1][len(base):].lstrip("/")
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(storage.read_bytes(f))
-    return out
+    storage.copy(uri, str(local))
+    return Path(local)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,13 +112,11 @@ def stored_checkpoints(fs: Any, folder: str) -> list[tuple[int, str]]:
 
 
 def copy_to_local(fs: Any, folder: str, local: str) -> str:
-    """Copy the files of one checkpoint folder from ``fs`` into the local directory ``local``."""
+    """Copy one checkpoint folder from ``fs`` into the local directory ``local`` (streamed)."""
     import pyarrow.fs as pafs
 
-    for info in fs.get_file_info(pafs.FileSelector(folder)):
-        if info.type == pafs.FileType.File:
-            with fs.open_input_stream(info.path) as inp:
-                Path(local, info.base_name).write_bytes(inp.read())
+    pafs.copy_files(folder, local, source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
     return local
 
 

@@ -105,14 +105,13 @@ def target_model_path(value: str) -> str:
 
 def download_dir(uri: str, files: tuple[str, ...]) -> str:
     """Copy ``files`` of a remote directory ``uri`` to a fresh local folder; return its path."""
-    from eyas.storage import ArtifactError, join, read_bytes
+    from eyas.storage import ArtifactError, copy, join
 
     out = Path(tempfile.mkdtemp(prefix="eyas-serve-"))
     for name in files:
         try:
-            data = read_bytes(join(uri, name))
+            copy(join(uri, name), str(out / name))
         except (ArtifactError, OSError) as exc:
             raise FileNotFoundError(f"{join(uri, name)} could not be read ({exc}); point the "
                                     "path at an exported draft directory") from exc
-        (out / name).write_bytes(data)
     return str(out)
