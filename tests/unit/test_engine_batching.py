@@ -128,3 +128,38 @@ def test_invalid_requests_are_rejected(stories260k):
     engine.add_request("a", [1], SamplingParams())
     with pytest.raises(ValueError, match="already in flight"):
         engine.add_request("a", [1], SamplingParams())
+
+
+def test_stop_string_check_decodes_a_bounded_tail(stories260k):
+    """The stop-string check equals the whole-output rule on real text, and the text it decodes
+    per step does not grow with the output (it was the whole output: quadratic)."""
+    from transformers import AutoTokenizer
+
+    from eyas.engine.sampling import SamplingParams, truncate_at_stop
+
+    tok = AutoTokenizer.from_pretrained(str(stories260k))
+    story = ("Once upon a time, there was a little girl named Lily. She liked to play. "
+             "One day she saw a big red ball in the park and she ran to it. ")
+    ids = tok(story * 3).input_ids[1:]  # ~130 tokens: longer than the tail bound below
+    decoded: list[int] = []
+
+    def decode(x):
+        decoded.append(len(x))
+        return tok.decode(x, skip_special_tokens=True)
+
+    for stop in ["big red", "Lily.", "park and", "she ran", "never there"]:
+        params = SamplingParams(max_tokens=1000, stop=[stop])
+        full_text = tok.decode(ids, skip_special_tokens=True)
+        got = None
+        for j in range(len(ids)):
+            kept, reason, _ = truncate_at_stop(ids[:j], ids[j:j + 1], params, [], decode)
+            if reason == "stop":
+                got = j
+                break
+        if stop not in full_text:
+            assert got is None
+            continue
+        # reference: the first j whose decoded prefix contains the stop string
+        want = next(j for j in range(len(ids)) if stop in tok.decode(ids[: j + 1], skip_special_tokens=True))
+        assert got == want
+    assert len(ids) > 100 and max(decoded) <= 4 * len("never there") + 8 + 1

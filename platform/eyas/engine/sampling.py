@@ -122,6 +122,10 @@ def truncate_at_stop(
     return new, None, None
 
 
+TOKENS_PER_CHAR = 4  # byte-fallback tokens: up to 4 per character
+TAIL_SLACK = 8  # tokens of context before a stop string (merges at the cut)
+
+
 def _first_stop_string(previous: list[int], new: list[int], stops: list[str],
                        decode: Callable[[list[int]], str] | None) -> tuple[int, str] | None:
     """(index into ``new`` of the token completing a stop string, the string), or None."""
@@ -130,10 +134,15 @@ def _first_stop_string(previous: list[int], new: list[int], stops: list[str],
     if decode is None:
         raise ValueError("SamplingParams.stop needs a tokenizer: give the Engine one, or put a "
                          "tokenizer next to the model's config.json")
-    if not any(s in decode(previous + new) for s in stops):
+    # Only the tail can complete a stop string (none was complete before, or the request would
+    # have ended): decoding the whole output each step would cost O(length) per token. A token
+    # decodes to at least a quarter character (UTF-8 byte fallback), so this tail holds the
+    # longest stop string's start.
+    tail = previous[-(TOKENS_PER_CHAR * max(map(len, stops)) + TAIL_SLACK):]
+    if not any(s in decode(tail + new) for s in stops):
         return None
     for j in range(len(new)):
-        text = decode(previous + new[: j + 1])
+        text = decode(tail + new[: j + 1])
         hits = [s for s in stops if s in text]
         if hits:
             return j, min(hits, key=text.find)
