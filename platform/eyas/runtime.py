@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def init_ray(run: RunConfig) -> None:
     # file that local clients (and the dashboard) must carry; turn it off unless asked for.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
+
+
+def actor_threads(torch_threads: int | None, num_cpus: float) -> int:
+    """Torch threads for a Ray actor: the configured count, else its CPUs rounded up (Ray sets
+    OMP_NUM_THREADS from them rounded down, so an actor holding 1.5 CPUs would get 1)."""
+    return torch_threads or max(1, math.ceil(num_cpus))
 
 
 def use_torch_threads(n: int) -> None:

@@ -73,3 +73,10 @@ def test_missing_file_is_named(tmp_path):
 def test_hash_changes_with_content():
     assert config_hash(Outer()) == config_hash(Outer())
     assert config_hash(Outer()) != config_hash(Outer(name="z"))
+
+
+def test_actor_threads_round_cpus_up_unless_set():
+    from eyas.runtime import actor_threads
+
+    assert actor_threads(None, 0.25) == 1 and actor_threads(None, 1.5) == 2
+    assert actor_threads(None, 2) == 2 and actor_threads(3, 0.5) == 3

@@ -254,13 +254,12 @@ class ReplyCache:
 
         if not self.uri or not pairs:
             return
-        items = [{"key": self.key(conv), "messages": res.messages,
-                  "finish_reasons": res.finish_reasons, "generated_tokens": res.generated_tokens}
-                 for conv, res in pairs]
-        name = hashlib.sha256("".join(i["key"] for i in items).encode()).hexdigest()[:24]
+        keyed = {self.key(conv): res for conv, res in pairs}
+        items = [{"key": key, "messages": res.messages, "finish_reasons": res.finish_reasons,
+                  "generated_tokens": res.generated_tokens} for key, res in keyed.items()]
+        name = hashlib.sha256("".join(keyed).encode()).hexdigest()[:24]
         storage.write_json(storage.join(self.uri, f"{name}.json"), items)
-        for conv, res in pairs:
-            self.known[self.key(conv)] = res
+        self.known.update(keyed)
 
 
 def regenerate_cached(conversations: list[list[dict[str, Any]]], backend: GenerationBackend,

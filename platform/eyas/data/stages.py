@@ -18,7 +18,7 @@ from eyas import metrics
 from eyas.data.config import DataConfig
 from eyas.data.normalize import RecordError, normalize_record, parse_file
 from eyas.data.validate import validate_messages
-from eyas.runtime import use_torch_threads
+from eyas.runtime import actor_threads, use_torch_threads
 from eyas.targets import resolve_target
 
 ROW_SCHEMA = pa.schema([
@@ -159,15 +159,11 @@ class Regenerator:
     """Replace every assistant reply with the target's own, turn by turn (see ``regenerate``)."""
 
     def __init__(self, cfg: DataConfig, cache_uri: str | None = None):
-        import math
-
         from eyas.data.chat import generation_prompt_ids
         from eyas.data.regenerate import BACKENDS, ReplyCache
 
         self.cfg = cfg.generation
-        # Ray sets OMP_NUM_THREADS from an actor's CPUs rounded down; choose threads on purpose.
-        self.threads = self.cfg.torch_threads or max(1, math.ceil(self.cfg.num_cpus_per_actor))
-        use_torch_threads(self.threads)
+        self.threads = actor_threads(self.cfg.torch_threads, self.cfg.num_cpus_per_actor)
         self.tokenizer, _ = load_tokenizer_for(cfg)
         model_path = resolve_target(cfg.target, "data.target")
         self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)

@@ -97,4 +97,3 @@ def load_target_head(model_dir: str | Path) -> tuple[Tensor, Tensor, dict[str, A
         raise ValueError(f"{path}: lm_head {tuple(lm_head.shape)} and embeddings "
                          f"{tuple(embed.shape)} differ in shape")
     return embed, lm_head, config
-

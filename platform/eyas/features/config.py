@@ -33,7 +33,7 @@ class FeaturesConfig(StrictModel):
     num_actors: int = Field(default=1, ge=1)
     num_gpus_per_actor: float = Field(default=0.0, ge=0.0)
     num_cpus_per_actor: float = Field(default=1.0, gt=0.0)
-    torch_threads: int | None = Field(default=None, ge=1)  # per actor; None: its CPUs rounded down
+    torch_threads: int | None = Field(default=None, ge=1)  # per actor; None: its CPUs rounded up
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     rows_per_shard: int = Field(default=256, ge=1)  # Parquet rows per file (offline)
 

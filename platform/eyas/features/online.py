@@ -24,7 +24,7 @@ from eyas.features.capture import TargetInfo, capture_batch, load_target, target
 from eyas.features.config import FeaturesConfig
 from eyas.features.rows import SPLITS, select_rows
 from eyas.features.schema import FEATURE_SCHEMA, encode_row
-from eyas.runtime import use_torch_threads
+from eyas.runtime import actor_threads, use_torch_threads
 from eyas.targets import resolve_target
 
 PROGRESS_EVERY = 64  # rows between an actor's progress lines
@@ -89,9 +89,7 @@ class TargetCapture:
     over its batch (CPU fp32 or GPU bf16 by default)."""
 
     def __init__(self, cfg: FeaturesConfig, info: TargetInfo) -> None:
-
-        self.threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
-        use_torch_threads(self.threads)
+        self.threads = actor_threads(cfg.torch_threads, cfg.num_cpus_per_actor)
         self.cfg, self.info = cfg, info
         self.rows_done = self.tokens_done = 0  # this actor's progress line
         self.model, self.device = load_target(info.path, cfg.dtype, cfg.num_gpus_per_actor > 0)
