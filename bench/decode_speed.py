@@ -2,7 +2,8 @@
 
 Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the faster of the two],
 (b) transformers prompt-lookup assisted generation, (c) the eyas engine without speculation,
-(d) the eyas engine with EAGLE-3 (chain and tree settings). For each concurrency C, C requests of
+(d) the eyas engine with EAGLE-3 (chain and tree settings, with and without the n-gram lookup
+branch that is verified together with the tree). For each concurrency C, C requests of
 ``--tokens`` output tokens each run together (eos ignored so every row emits the same number of
 tokens); tokens/s = C * tokens / wall and TPOT = wall / tokens. Prompt lookup only supports batch
 size 1 in transformers, so its C requests run one after another.
@@ -35,8 +36,10 @@ from eyas.assets import resolve_asset  # noqa: E402
 from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
 PROMPTS = "assets:datasets/prompts/mt_bench_question.jsonl"
-SETTINGS = {"chain 3/1/4": (3, 1, 4), "chain 5/1/6": (5, 1, 6), "chain 7/1/8": (7, 1, 8),
-            "tree 5/4/8": (5, 4, 8), "tree 6/2/8": (6, 2, 8)}
+# name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens)
+SETTINGS = {"chain 3/1/4": (3, 1, 4, 0), "chain 5/1/6": (5, 1, 6, 0), "chain 7/1/8": (7, 1, 8, 0),
+            "tree 5/4/8": (5, 4, 8, 0), "tree 6/2/8": (6, 2, 8, 0),
+            "chain 3/1/4 +ngram 4": (3, 1, 4, 4), "chain 5/1/6 +ngram 4": (5, 1, 6, 4)}
 Row = Callable[[list[list[int]], int], dict]
 
 
@@ -88,12 +91,12 @@ def eyas_generate(engine, prompts: list[list[int]], n: int) -> dict:
 
 
 def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.dtype,
-               prompt_lookup: bool) -> dict[str, tuple[Row, tuple[int, int, int] | None]]:
+               prompt_lookup: bool, settings: list[str]) -> dict[str, tuple[Row, tuple[int, int, int, int] | None]]:
     from transformers import AutoModelForCausalLM
 
     from eyas.engine.engine import Engine, SpecConfig
 
-    rows: dict[str, tuple[Row, tuple[int, int, int] | None]] = {}
+    rows: dict[str, tuple[Row, tuple[int, int, int, int] | None]] = {}
     for name in ("float32", "bfloat16"):
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, name)).eval()
         rows[f"(a) transformers generate {name}"] = (lambda p, n, hf=hf: hf_generate(hf, p, n), None)
@@ -101,7 +104,8 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
             rows["(b) transformers prompt lookup bf16"] = (
                 lambda p, n, hf=hf: hf_prompt_lookup(hf, p, n), None)
     engines = {"(c) eyas engine": (Engine(model_dir, dtype=dtype, max_batch_size=max_c), None)}
-    for name, knobs in SETTINGS.items() if draft_dir else ():
+    for name in settings if draft_dir else ():
+        knobs = SETTINGS[name]
         engines[f"(d) eyas eagle3 {name}"] = (
             Engine(model_dir, SpecConfig(draft_dir, *knobs), dtype=dtype, max_batch_size=max_c), knobs)
     for name, (eng, knobs) in engines.items():
@@ -110,7 +114,7 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
     return rows
 
 
-def cost_columns(extra: dict, knobs: tuple[int, int, int], t_1: float, gain: float) -> str:
+def cost_columns(extra: dict, knobs: tuple[int, int, int, int], t_1: float, gain: float) -> str:
     """t_verify, t_draft per step, predicted speed-up and efficiency of one EAGLE-3 cell."""
     steps = knobs[0]
     t_verify, t_draft = extra["verify"], extra["draft"] / steps
@@ -129,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", help="the eyas engine's dtype")
     parser.add_argument("--no-prompt-lookup", action="store_true")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                        metavar="NAME", help=f"EAGLE-3 rows to run (default all: {list(SETTINGS)})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -139,7 +145,8 @@ def main() -> None:
                          "first (or the pipeline), or point --draft at an exported EAGLE-3 directory.")
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = build_rows(model_dir, args.draft, max(args.concurrency),
-                      resolve_dtype(args.dtype, on_gpu=False), not args.no_prompt_lookup)
+                      resolve_dtype(args.dtype, on_gpu=False), not args.no_prompt_lookup,
+                      args.settings)
     print(f"target {args.target}, draft {args.draft}, {args.tokens} tokens/request, eyas "
           f"{args.dtype}, {torch.get_num_threads()} torch thread(s), best of {args.repeats}")
     for c in args.concurrency:

@@ -291,10 +291,12 @@ def plain_greedy(stories260k: Path):
     return engine.generate(PROMPTS, SamplingParams(max_tokens=48))
 
 
-@pytest.mark.parametrize("steps,topk,draft_tokens", [(3, 1, 4), (5, 1, 6), (5, 4, 8)])
+@pytest.mark.parametrize("steps,topk,draft_tokens,ngram", [(3, 1, 4, 0), (5, 1, 6, 0), (5, 4, 8, 0),
+                                                          (3, 1, 4, 4), (5, 4, 8, 3)])
 def test_greedy_speculative_equals_plain_random_head(stories260k, plain_greedy, steps, topk,
-                                                     draft_tokens):
-    spec = SpecConfig(num_steps=steps, eagle_topk=topk, num_draft_tokens=draft_tokens)
+                                                     draft_tokens, ngram):
+    spec = SpecConfig(num_steps=steps, eagle_topk=topk, num_draft_tokens=draft_tokens,
+                      ngram_tokens=ngram)
     engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=48))
     for want, got in zip(plain_greedy, outs, strict=True):
@@ -319,15 +321,31 @@ def test_oracle_draft_is_accepted_and_exact(stories260k, plain_greedy, steps, to
     assert stats.accepted_tokens <= stats.decoded_tokens - stats.verify_steps + 1
 
 
-def test_engine_sampling_follows_target_monte_carlo(stories260k: Path):
-    """Speculative sampling (tree 3/4/8, temperature 1, top-k 3) emits the target's law over
+def test_lookup_branch_is_verified_with_the_tree(stories260k, plain_greedy):
+    """A draft that is never right: every accepted token comes from the n-gram branch. The third
+    prompt's greedy continuation repeats itself, so the lookup pays there."""
+    accepted = {}
+    for ngram in (0, 4):
+        spec = SpecConfig(num_steps=3, eagle_topk=1, num_draft_tokens=4, ngram_tokens=ngram)
+        engine = Engine(str(stories260k), spec=spec, draft=ConstantDraft(512, [3, 5, 7]))
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=48))
+        assert [o.token_ids for o in outs] == [w.token_ids for w in plain_greedy]
+        accepted[ngram] = [o.stats.accepted_tokens for o in outs]
+    assert accepted[0] == [0, 0, 0]
+    assert accepted[4][2] >= 10
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_engine_sampling_follows_target_monte_carlo(stories260k: Path, ngram: int):
+    """Speculative sampling (tree 3/4/8 [+ lookup], temperature 1, top-k 3) emits the target's law over
     3-token continuations: chi-square over bins with expected count >= 5 (rarer ones pooled),
     limit = the 99.99% quantile for the bins' degrees of freedom (<= 26)."""
     model = Transformer.from_pretrained(stories260k)
-    prompt, n_samples, top_k = PROMPTS[0], 2000, 3
+    # with the lookup branch, the prompt repeats 403 407 so the branch proposes 261 378 403
+    prompt, n_samples, top_k = PROMPTS[0] + ([403, 407] if ngram else []), 2000, 3
     exact, mass = target_law(model, prompt, length=3, top_k=top_k)
     draft = ConstantDraft(512, sorted(mass, key=mass.__getitem__, reverse=True))
-    spec = SpecConfig(num_steps=3, eagle_topk=4, num_draft_tokens=8)
+    spec = SpecConfig(num_steps=3, eagle_topk=4, num_draft_tokens=8, ngram_tokens=ngram)
     engine = Engine(str(stories260k), spec=spec, draft=draft, max_batch_size=64)
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=i)
               for i in range(n_samples)]

@@ -94,10 +94,10 @@ def test_walk_with_an_oracle_and_a_useless_drafter():
     ref = torch.arange(100, 120)
     span = (3, 19)  # 17 reply tokens: the first from prefill, 16 in rounds
     for depth in (1, 3, 7):
-        oracle = walk_acceptance(lambda t, d=depth: ref[t + 2:t + 2 + d].tolist(), ref, span, depth)
+        oracle = walk_acceptance([lambda t, d=depth: ref[t + 2:t + 2 + d].tolist()], ref, span, depth)
         assert oracle.tokens == 16 and oracle.rounds == math.ceil(16 / (depth + 1))
         assert oracle.accepted[0] == oracle.rounds  # every round accepts its first guess
-        useless = walk_acceptance(lambda t, d=depth: [-1] * d, ref, span, depth)
+        useless = walk_acceptance([lambda t, d=depth: [-1] * d], ref, span, depth)
         assert (useless.tokens, useless.rounds) == (16, 16)
         assert useless.reached[0] == 16 and sum(useless.accepted) == 0 and sum(useless.reached[1:]) == 0
 
@@ -105,10 +105,22 @@ def test_walk_with_an_oracle_and_a_useless_drafter():
 def test_walk_accepts_the_matching_prefix_and_adds_the_bonus():
     ref = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     # from anchor t the drafter is right about t+2 and wrong about t+3
-    stats = walk_acceptance(lambda t: [t + 2, -1, t + 4], ref, (1, 9), depth=3)
+    stats = walk_acceptance([lambda t: [t + 2, -1, t + 4]], ref, (1, 9), depth=3)
     # rounds: p=1 -> accept 1 + bonus -> p=3 -> p=5 -> p=7 -> p=9: 4 rounds, 8 tokens
     assert (stats.rounds, stats.tokens) == (4, 8)
     assert stats.reached == [4, 4, 0] and stats.accepted == [4, 0, 0]
+
+
+def test_walk_with_two_drafters_keeps_the_longer_accepted_chain_each_round():
+    ref = torch.arange(20)
+    even = lambda t: [t + 2, t + 3, -1] if t % 2 == 0 else [-1]  # noqa: E731 - right from even anchors
+    odd = lambda t: [t + 2, t + 3, -1] if t % 2 else []  # noqa: E731 - right from odd anchors
+    alone = walk_acceptance([even], ref, (1, 19), depth=3)
+    # 3 tokens from an even anchor move to an odd one (1 token), and back: 3,1,3,1,... then 2
+    assert (alone.tokens, alone.rounds) == (18, 9)
+    both = walk_acceptance([even, odd], ref, (1, 19), depth=3)
+    assert (both.tokens, both.rounds) == (18, 6)  # every round accepts 2 + bonus
+    assert both.accepted == [6, 6, 0] and both.reached == [6, 6, 6]
 
 
 def test_ngram_proposer_uses_the_latest_earlier_match_within_the_context():

@@ -3,8 +3,8 @@
 ``Engine.step()`` does one unit of work for every request in flight: it prefills newly
 admitted requests (one forward each, emitting their first token), then runs ONE batched
 decode round for the requests already running: a plain one-token decode, or a speculative
-round (draft extend -> tree growth -> one target forward over all trees -> per-request
-acceptance -> cache compaction). Requests join and leave between steps. ``step`` is
+round (draft extend -> tree growth [+ an n-gram lookup branch] -> one target forward over
+all trees -> per-request acceptance -> cache compaction). Requests join and leave between steps. ``step`` is
 synchronous and thread-safe; a serving layer calls it in a loop.
 """
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from eyas.engine.accept import accept_greedy, accept_sampled
 from eyas.engine.kv_cache import KVCache, cache_attention_mask
+from eyas.engine.lookup import add_chains, ngram_lookup
 from eyas.engine.model import Transformer
 from eyas.engine.sampling import (
     SamplingParams,
@@ -47,12 +48,28 @@ __all__ = ["Engine", "RequestOutput", "RequestStats", "SamplingParams", "SpecCon
 
 @dataclass
 class SpecConfig:
-    """EAGLE-3 settings with SGLang's names: S steps, top-K per node, D tree tokens."""
+    """EAGLE-3 settings with SGLang's names: S steps, top-K per node, D tree tokens; plus an
+    optional n-gram lookup branch of up to ``ngram_tokens`` nodes (0 = off) matching the last
+    ``ngram_max`` .. ``ngram_min`` tokens (``eyas.engine.lookup``)."""
 
     draft_dir: str | None = None
     num_steps: int = 3
     eagle_topk: int = 1
     num_draft_tokens: int = 4
+    ngram_tokens: int = 0
+    ngram_min: int = 1
+    ngram_max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.ngram_tokens < 0 or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_tokens={self.ngram_tokens}, ngram_min={self.ngram_min}, "
+                             f"ngram_max={self.ngram_max}: need ngram_tokens >= 0 and "
+                             "1 <= ngram_min <= ngram_max")
+
+    @property
+    def max_tree_nodes(self) -> int:
+        """Tree nodes one verification can hold: D plus the lookup branch."""
+        return self.num_draft_tokens + self.ngram_tokens
 
 
 @dataclass
@@ -127,7 +144,7 @@ class Engine:
         cfg = self.model.config
         _check_draft_fits(draft, cfg.hidden_size, cfg.vocab_size)
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        slack = self.spec.num_draft_tokens if self.spec else 1
+        slack = self.spec.max_tree_nodes if self.spec else 1
         self.cache = self.model.new_cache(max_batch_size, self.max_seq_len + slack)
         self.draft = draft.to(device=device, dtype=dtype).eval() if draft is not None else None
         self.draft_cache = self._new_draft_cache(max_batch_size, self.max_seq_len + slack)
@@ -283,6 +300,8 @@ class Engine:
         roots = torch.tensor([r.root for r in batch], device=self.device)
         tree = grow_tree(draft, embed, self.draft_cache, slots, last_out, roots,
                          spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+        if spec.ngram_tokens:
+            tree = self._with_lookup(batch, tree)
         start = self._record("draft", start)
         # Step 3: ONE target forward over all trees (each row attends to its own slot).
         logits, tree_aux = self._verify(tree, slots, lens)
@@ -300,6 +319,14 @@ class Engine:
             emitted.append(tokens.tolist())
         self._record("accept", start)
         return emitted
+
+    def _with_lookup(self, batch: list[_Request], tree: DraftTree) -> DraftTree:
+        """The trees plus each request's n-gram lookup chain from its root (see ``lookup``)."""
+        spec = self.spec
+        assert spec is not None
+        chains = [ngram_lookup(r.prompt + r.output, spec.ngram_tokens, spec.ngram_min, spec.ngram_max)
+                  for r in batch]
+        return DraftTree(*add_chains(tree.tokens, tree.parents, chains))
 
     def _verify(self, tree: DraftTree, slots: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
         """Target forward over the (B, D) tree tokens -> logits (B, D, V), aux (B, D, 3H)."""

@@ -41,7 +41,7 @@ class DraftTree:
     """A batch of draft trees of D nodes each; node 0 is the root."""
 
     tokens: Tensor  # (B, D) int64 target-vocab token ids
-    parents: Tensor  # (B, D) int64 parent node index, -1 for the root
+    parents: Tensor  # (B, D) int64 parent node index, -1 for the root, -2 for padding (never accepted)
 
 
 def validate_tree_knobs(num_steps: int, topk: int, num_draft_tokens: int) -> None:

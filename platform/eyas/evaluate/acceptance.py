@@ -13,7 +13,7 @@ tau (expected acceptance length) = tokens produced / verification rounds; plain 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor
 
 from eyas.draft.model import Eagle3Draft
 from eyas.draft.ttt import padding_bias, position_ids_from_mask, shift_left, ttt_attention_bias
+from eyas.engine.lookup import ngram_lookup
+
+Proposer = Callable[[int], list[int]]  # anchor t -> guesses for positions t+2, t+3, ...
 
 
 @torch.no_grad()
@@ -105,13 +108,15 @@ def _at(values: list[int], j: int) -> int:
     return values[j] if j < len(values) else 0
 
 
-def walk_acceptance(propose: Callable[[int], list[int]], reference: Tensor, span: tuple[int, int],
+def walk_acceptance(proposers: Sequence[Proposer], reference: Tensor, span: tuple[int, int],
                     depth: int) -> WalkStats:
     """Speculative decoding of one reply ``span`` (inclusive token positions) with greedy verification.
 
-    ``propose(t)`` returns the guesses for positions t+2, t+3, ... from anchor t (any length; only
-    the first ``depth`` are used); ``reference`` (T,) holds the token the target emits at each
-    position. The reply's first token comes from the prefill and is not a round.
+    Each proposer ``propose(t)`` returns guesses for positions t+2, t+3, ... from anchor t (any
+    length; only the first ``depth`` are used). Several proposers are verified together, as one
+    tree of chains from the root: the round keeps the longest accepted prefix among them.
+    ``reference`` (T,) holds the token the target emits at each position. The reply's first
+    token comes from the prefill and is not a round.
     """
     ref = reference.tolist()
     stats = WalkStats(reached=[0] * depth, accepted=[0] * depth)
@@ -119,11 +124,15 @@ def walk_acceptance(propose: Callable[[int], list[int]], reference: Tensor, span
     p = max(start, 1)  # last produced position (a reply at position 0 has no anchor before it)
     while p < end:
         remaining = end - p
-        guesses = propose(p - 1)[:min(depth, remaining)]
-        n = 0
-        while n < len(guesses) and guesses[n] == ref[p + 1 + n]:
-            n += 1
-        for j in range(min(n + 1, len(guesses))):
+        n, checked = 0, 0
+        for propose in proposers:
+            guesses = propose(p - 1)[:min(depth, remaining)]
+            k = 0
+            while k < len(guesses) and guesses[k] == ref[p + 1 + k]:
+                k += 1
+            if (k, len(guesses)) > (n, checked):
+                n, checked = k, len(guesses)
+        for j in range(min(n + 1, checked)):
             stats.reached[j] += 1
         for j in range(n):
             stats.accepted[j] += 1
@@ -134,25 +143,14 @@ def walk_acceptance(propose: Callable[[int], list[int]], reference: Tensor, span
     return stats
 
 
-def ngram_proposer(tokens: Tensor, depth: int, n_min: int = 1, n_max: int = 3) -> Callable[[int], list[int]]:
-    """Prompt-lookup drafting: from anchor t (context ``tokens[0 .. t+1]``) find the latest earlier
-    occurrence of the context's last n tokens (n from ``n_max`` down to ``n_min``) and propose the
-    ``depth`` tokens that followed it; no match proposes nothing."""
-    seq = tokens.tolist()
-
-    def propose(t: int) -> list[int]:
-        ctx_len = t + 2  # tokens 0 .. t+1 are known
-        for n in range(min(n_max, ctx_len - 1), n_min - 1, -1):
-            suffix = seq[ctx_len - n:ctx_len]
-            for i in range(ctx_len - n - 1, -1, -1):  # latest occurrence strictly before the suffix
-                if seq[i:i + n] == suffix:
-                    return seq[i + n:min(i + n + depth, ctx_len)]
-        return []
-
-    return propose
+def ngram_proposer(tokens: Tensor, depth: int, n_min: int = 1, n_max: int = 3) -> Proposer:
+    """Prompt-lookup drafting (``eyas.engine.lookup.ngram_lookup``, as the engine drafts): from
+    anchor t the context is ``tokens[0 .. t+1]``; no match proposes nothing."""
+    seq = tokens.numpy()
+    return lambda t: ngram_lookup(seq[:t + 2], depth, n_min, n_max)
 
 
-def tensor_proposer(guesses: Tensor) -> Callable[[int], list[int]]:
+def tensor_proposer(guesses: Tensor) -> Proposer:
     """(T, depth) precomputed guesses (e.g. one row of ``chain_drafts``) as a proposer."""
     table = guesses.tolist()
     return lambda t: table[t]

@@ -42,13 +42,16 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"rows {report['rows']}, reply tokens {report['reply_tokens']}, data == target argmax "
              f"{report['data_equals_target_argmax']}",
              "ttt_acc (teacher forced): " + " ".join(f"{a}" for a in report["ttt_acc"]),
-             "tau head/ngram: tokens per target verification with chains of depth k (1 = no drafting); "
+             "tau: tokens per target verification with chains of depth k (1 = no drafting); head+ngram "
+             "verifies both chains at once (the engine's ngram_tokens option); "
              f"acc_k: P(guess k accepted | guesses before it were), chains of depth {report['depths'][-1]}"]
     for ref, drafters in report["references"].items():
         lines.append(f"reference = {ref}")
-        lines.append(f"  {'k':>2}  {'tau head':>9} {'tau ngram':>9}  {'acc_k head':>10} {'acc_k ngram':>11}")
+        lines.append(f"  {'k':>2}  {'tau head':>9} {'tau ngram':>9} {'tau head+ngram':>14}  "
+                     f"{'acc_k head':>10} {'acc_k ngram':>11}")
         for i, d in enumerate(report["depths"]):
-            head, ngram = drafters["head"], drafters["ngram"]
-            lines.append(f"  {d:>2}  {head['tau'][str(d)]!s:>9} {ngram['tau'][str(d)]!s:>9}  "
-                         f"{head['accept_rate'][i]!s:>10} {ngram['accept_rate'][i]!s:>11}")
+            head, ngram, both = drafters["head"], drafters["ngram"], drafters["head+ngram"]
+            lines.append(f"  {d:>2}  {head['tau'][str(d)]!s:>9} {ngram['tau'][str(d)]!s:>9} "
+                         f"{both['tau'][str(d)]!s:>14}  {head['accept_rate'][i]!s:>10} "
+                         f"{ngram['accept_rate'][i]!s:>11}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from eyas.config import config_hash
 from eyas.draft.model import DraftConfig, default_aux_layer_ids, text_config
 from eyas.evaluate.config import EvaluateJobConfig
 from eyas.evaluate.report import format_table, summarize
-from eyas.evaluate.scorer import AcceptanceScorer, empty_stats, merge_stats
+from eyas.evaluate.scorer import DRAFTERS, AcceptanceScorer, empty_stats, merge_stats
 from eyas.train.data import feature_datasets, feature_spec
 from eyas.train.trainer import absolute
 
@@ -88,7 +88,7 @@ def run_evaluation(cfg: EvaluateJobConfig, dataset: Any = None) -> dict[str, Any
         inputs={"draft": e.draft, "features": cfg.features.artifact, "split": e.split, "target": spec.target},
         outputs={"report": artifact.path(REPORT_FILE)},
         counts={"rows": report["rows"], "reply_tokens": report["reply_tokens"]},
-        tau={"head": data["head"]["tau"], "ngram": data["ngram"]["tau"]},
+        tau={name: data[name]["tau"] for name in DRAFTERS},
         ttt_acc=report["ttt_acc"],
         timings={"total_s": round(time.time() - started, 2)},
     )

@@ -28,7 +28,7 @@ from eyas.evaluate.acceptance import (
     walk_acceptance,
 )
 
-DRAFTERS = ("head", "ngram")
+DRAFTERS = ("head", "ngram", "head+ngram")  # head+ngram: both chains verified together
 REFERENCES = ("data", "target_argmax")
 
 
@@ -84,8 +84,9 @@ def score_batch(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor
         stats["reply_tokens"] += int(row_mask.sum())
         stats["argmax_agree"] += int((argmax_ref == row_ids)[counted].sum())
         stats["argmax_total"] += int(counted.sum())
-        proposers = {"head": tensor_proposer(chains[i, :n]),
-                     "ngram": ngram_proposer(row_ids, depth, ngram_min, ngram_max)}
+        head = tensor_proposer(chains[i, :n])
+        ngram = ngram_proposer(row_ids, depth, ngram_min, ngram_max)
+        proposers = {"head": [head], "ngram": [ngram], "head+ngram": [head, ngram]}
         _walk_row(stats, proposers, "data", row_ids, spans, depth)
         _walk_row(stats, proposers, "target_argmax", argmax_ref, spans, depth)
     return stats
