@@ -3,7 +3,8 @@
 Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the faster of the two],
 (b) transformers prompt-lookup assisted generation, (c) the eyas engine without speculation,
 (d) the eyas engine with EAGLE-3 (chain and tree settings, with and without the n-gram lookup
-branch that is verified together with the tree). For each concurrency C, C requests of
+branch that is verified together with the tree, and with ``max_speculative_batch``: rounds of
+larger batches decode plainly; such rows print the share of speculative rounds). For each concurrency C, C requests of
 ``--tokens`` output tokens each run together (eos ignored so every row emits the same number of
 tokens); tokens/s = C * tokens / wall and TPOT = wall / tokens. Prompt lookup only supports batch
 size 1 in transformers, so its C requests run one after another.
@@ -36,10 +37,13 @@ from eyas.assets import resolve_asset  # noqa: E402
 from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
 PROMPTS = "assets:datasets/prompts/mt_bench_question.jsonl"
-# name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens)
-SETTINGS = {"chain 3/1/4": (3, 1, 4, 0), "chain 5/1/6": (5, 1, 6, 0), "chain 7/1/8": (7, 1, 8, 0),
-            "tree 5/4/8": (5, 4, 8, 0), "tree 6/2/8": (6, 2, 8, 0),
-            "chain 3/1/4 +ngram 4": (3, 1, 4, 4), "chain 5/1/6 +ngram 4": (5, 1, 6, 4)}
+# name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens, max_speculative_batch)
+SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, None), "chain 5/1/6": (5, 1, 6, 0, None),
+            "chain 7/1/8": (7, 1, 8, 0, None), "tree 5/4/8": (5, 4, 8, 0, None),
+            "tree 6/2/8": (6, 2, 8, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, None),
+            "chain 5/1/6 +ngram 4": (5, 1, 6, 4, None),
+            "chain 3/1/4 +ngram 4 B<=2": (3, 1, 4, 4, 2)}
+Knobs = tuple[int, int, int, int, int | None]
 Row = Callable[[list[list[int]], int], dict]
 
 
@@ -87,16 +91,19 @@ def eyas_generate(engine, prompts: list[list[int]], n: int) -> dict:
     outs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
     steps = sum(o.stats.verify_steps for o in outs)
     per_round = {k: engine.phase_seconds[k] / engine.phase_rounds[k] for k in engine.phase_rounds}
-    return {"tau": sum(o.stats.decoded_tokens for o in outs) / steps if steps else 1.0, **per_round}
+    rounds = engine.phase_rounds
+    share = rounds["verify"] / max(rounds["verify"] + rounds["decode"], 1)
+    return {"tau": sum(o.stats.decoded_tokens for o in outs) / steps if steps else 1.0,
+            "spec_share": share, **per_round}
 
 
 def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.dtype,
-               prompt_lookup: bool, settings: list[str]) -> dict[str, tuple[Row, tuple[int, int, int, int] | None]]:
+               prompt_lookup: bool, settings: list[str]) -> dict[str, tuple[Row, Knobs | None]]:
     from transformers import AutoModelForCausalLM
 
     from eyas.engine.engine import Engine, SpecConfig
 
-    rows: dict[str, tuple[Row, tuple[int, int, int, int] | None]] = {}
+    rows: dict[str, tuple[Row, Knobs | None]] = {}
     for name in ("float32", "bfloat16"):
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, name)).eval()
         rows[f"(a) transformers generate {name}"] = (lambda p, n, hf=hf: hf_generate(hf, p, n), None)
@@ -107,14 +114,15 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
     for name in settings if draft_dir else ():
         knobs = SETTINGS[name]
         engines[f"(d) eyas eagle3 {name}"] = (
-            Engine(model_dir, SpecConfig(draft_dir, *knobs), dtype=dtype, max_batch_size=max_c), knobs)
+            Engine(model_dir, SpecConfig(draft_dir, *knobs[:4], max_speculative_batch=knobs[4]),
+                   dtype=dtype, max_batch_size=max_c), knobs)
     for name, (eng, knobs) in engines.items():
         eng.record_phases = True
         rows[name] = (lambda p, n, eng=eng: eyas_generate(eng, p, n), knobs)
     return rows
 
 
-def cost_columns(extra: dict, knobs: tuple[int, int, int, int], t_1: float, gain: float) -> str:
+def cost_columns(extra: dict, knobs: Knobs, t_1: float, gain: float) -> str:
     """t_verify, t_draft per step, predicted speed-up and efficiency of one EAGLE-3 cell."""
     steps = knobs[0]
     t_verify, t_draft = extra["verify"], extra["draft"] / steps
@@ -165,7 +173,9 @@ def main() -> None:
             line = (f"{name:38s} {c * args.tokens / wall:8.1f} {1000 * wall / args.tokens:8.2f} "
                     f"{base / wall:7.2f} {plain[0] / wall:6.2f} {'' if tau is None else f'{tau:5.2f}'}")
             knobs = rows[name][1]
-            if knobs is not None:
+            if knobs is not None and knobs[4] is not None:
+                line += f" speculative rounds {100 * extra['spec_share']:3.0f}%"
+            elif knobs is not None:
                 line += cost_columns(extra, knobs, plain[1]["decode"], plain[0] / wall)
             elif name == "(c) eyas engine":
                 line += f"       t_1 {1000 * extra['decode']:6.1f}"

@@ -321,6 +321,21 @@ def test_oracle_draft_is_accepted_and_exact(stories260k, plain_greedy, steps, to
     assert stats.accepted_tokens <= stats.decoded_tokens - stats.verify_steps + 1
 
 
+@pytest.mark.parametrize("ngram", [0, 4])
+def test_plain_rounds_above_the_batch_limit_stay_exact(stories260k, plain_greedy, ngram):
+    """Three requests decode plainly while all run (limit 2) and speculate once the shortest
+    has finished: the same greedy output token for token, and both kinds of rounds ran."""
+    spec = SpecConfig(num_steps=3, eagle_topk=1, num_draft_tokens=4, ngram_tokens=ngram,
+                      max_speculative_batch=2)
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
+    lengths = [48, 16, 48]
+    engine.record_phases = True
+    outs = engine.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in lengths])
+    for want, got, n in zip(plain_greedy, outs, lengths, strict=True):
+        assert got.token_ids == want.token_ids[:n]
+    assert engine.phase_rounds["decode"] >= 10 and engine.phase_rounds["verify"] >= 10
+
+
 def test_lookup_branch_is_verified_with_the_tree(stories260k, plain_greedy):
     """A draft that is never right: every accepted token comes from the n-gram branch. The third
     prompt's greedy continuation repeats itself, so the lookup pays there."""
@@ -335,8 +350,8 @@ def test_lookup_branch_is_verified_with_the_tree(stories260k, plain_greedy):
     assert accepted[4][2] >= 10
 
 
-@pytest.mark.parametrize("ngram", [0, 3])
-def test_engine_sampling_follows_target_monte_carlo(stories260k: Path, ngram: int):
+@pytest.mark.parametrize("ngram,limit", [(0, None), (3, None), (3, 32)])
+def test_engine_sampling_follows_target_monte_carlo(stories260k: Path, ngram: int, limit: int | None):
     """Speculative sampling (tree 3/4/8 [+ lookup], temperature 1, top-k 3) emits the target's law over
     3-token continuations: chi-square over bins with expected count >= 5 (rarer ones pooled),
     limit = the 99.99% quantile for the bins' degrees of freedom (<= 26)."""
@@ -345,15 +360,19 @@ def test_engine_sampling_follows_target_monte_carlo(stories260k: Path, ngram: in
     prompt, n_samples, top_k = PROMPTS[0] + ([403, 407] if ngram else []), 2000, 3
     exact, mass = target_law(model, prompt, length=3, top_k=top_k)
     draft = ConstantDraft(512, sorted(mass, key=mass.__getitem__, reverse=True))
-    spec = SpecConfig(num_steps=3, eagle_topk=4, num_draft_tokens=8, ngram_tokens=ngram)
+    spec = SpecConfig(num_steps=3, eagle_topk=4, num_draft_tokens=8, ngram_tokens=ngram,
+                      max_speculative_batch=limit)  # 32: full batches of 64 decode plainly
     engine = Engine(str(stories260k), spec=spec, draft=draft, max_batch_size=64)
+    engine.record_phases = True
     params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=i)
               for i in range(n_samples)]
     outs = engine.generate([prompt] * n_samples, params)
     counts = Counter(tuple(o.token_ids) for o in outs)
     assert set(counts) <= set(exact)
     tau = sum(o.stats.acceptance_length for o in outs) / n_samples
-    assert tau > 1.3  # the drafts do get accepted, so acceptance is really exercised
+    assert tau > (1.0 if limit else 1.3)  # drafts do get accepted: acceptance is exercised
+    if limit:
+        assert engine.phase_rounds["decode"] > 0 and engine.phase_rounds["verify"] > 0
     big = [k for k, p in exact.items() if p * n_samples >= 5]
     obs = [counts[k] for k in big] + [n_samples - sum(counts[k] for k in big)]
     exp = [exact[k] * n_samples for k in big] + [n_samples * (1 - sum(exact[k] for k in big))]

@@ -50,7 +50,11 @@ __all__ = ["Engine", "RequestOutput", "RequestStats", "SamplingParams", "SpecCon
 class SpecConfig:
     """EAGLE-3 settings with SGLang's names: S steps, top-K per node, D tree tokens; plus an
     optional n-gram lookup branch of up to ``ngram_tokens`` nodes (0 = off) matching the last
-    ``ngram_max`` .. ``ngram_min`` tokens (``eyas.engine.lookup``)."""
+    ``ngram_max`` .. ``ngram_min`` tokens (``eyas.engine.lookup``); ``max_speculative_batch``:
+    rounds with more requests running decode plainly (None = always speculate). Verifying a
+    tree costs little more than one token while the forward is memory-bound and about D tokens
+    once it is compute-bound; where that turns depends on the machine and the head, so measure
+    it (bench/decode_speed.py at several concurrencies)."""
 
     draft_dir: str | None = None
     num_steps: int = 3
@@ -59,8 +63,12 @@ class SpecConfig:
     ngram_tokens: int = 0
     ngram_min: int = 1
     ngram_max: int = 3
+    max_speculative_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_speculative_batch is not None and self.max_speculative_batch < 1:
+            raise ValueError(f"max_speculative_batch={self.max_speculative_batch}: use >= 1, or "
+                             "None to speculate at every batch size")
         if self.ngram_tokens < 0 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram_tokens={self.ngram_tokens}, ngram_min={self.ngram_min}, "
                              f"ngram_max={self.ngram_max}: need ngram_tokens >= 0 and "
@@ -212,7 +220,7 @@ class Engine:
                 req = self._waiting.popleft()
                 self._emit(req, [self._prefill(req)], outputs)
             if batch:
-                emitted = self._speculate(batch) if self.draft else self._decode(batch)
+                emitted = self._round(batch)
                 for req, tokens in zip(batch, emitted, strict=True):
                     self._emit(req, tokens, outputs)
             for out in self._finished_out:
@@ -245,6 +253,24 @@ class Engine:
 
     # ------------------------------------------------------------------ prefill and decode
 
+    def _round(self, batch: list[_Request]) -> list[list[int]]:
+        """One decode round: speculative when there is a draft and the batch is at most
+        ``max_speculative_batch`` requests, else plain (which keeps the draft's inputs queued:
+        the next speculative round drafts over them first)."""
+        limit = self.spec.max_speculative_batch if self.spec else None
+        if self.draft is None or (limit is not None and len(batch) > limit):
+            return self._decode(batch)
+        return self._speculate(batch)
+
+    def _lookup_chains(self, batch: list[_Request]) -> list[list[int]]:
+        """Each request's n-gram lookup chain from its root ([] when off or no match)."""
+        spec = self.spec
+        assert spec is not None
+        if not spec.ngram_tokens:
+            return [[] for _ in batch]
+        return [ngram_lookup(r.prompt + r.output, spec.ngram_tokens, spec.ngram_min, spec.ngram_max)
+                for r in batch]
+
     def _prefill(self, req: _Request) -> int:
         """Run the prompt through the target (and the draft), return the first token."""
         req.slot = self.cache.allocate()
@@ -276,16 +302,21 @@ class Engine:
         one = torch.ones(1, 1, 1, dtype=torch.bool, device=self.device)
         mask = cache_attention_mask(lens, one, int(lens.max()) + 1)
         pos = lens[:, None]
-        logits, _ = self.model(roots, pos, self.cache, slots, pos, mask)
+        logits, aux = self.model(roots, pos, self.cache, slots, pos, mask)
         self.cache.lengths[slots] += 1
-        tokens = self._sample(batch, logits[:, 0]).tolist()
+        sampled = self._sample(batch, logits[:, 0])  # (B,)
+        tokens = sampled.tolist()
         self._record("decode", start)
-        for req in batch:
+        for b, req in enumerate(batch):
             req.stats.verify_steps += 1
+            if self.draft is not None:  # the root's features + the new token: next draft extend
+                req.pending_ids = torch.cat([req.pending_ids, sampled[b:b + 1]])
+                req.pending_aux = torch.cat([req.pending_aux, aux[b, :1]])
         return [[t] for t in tokens]
 
     def _speculate(self, batch: list[_Request]) -> list[list[int]]:
-        """One EAGLE-3 round for the whole batch; returns the tokens each request emits."""
+        """One EAGLE-3 round for the whole batch, each tree extended by the request's n-gram
+        lookup chain (when on); returns the tokens each request emits."""
         spec, draft = self.spec, self.draft
         assert spec is not None and draft is not None
         start = self._clock()
@@ -300,8 +331,7 @@ class Engine:
         roots = torch.tensor([r.root for r in batch], device=self.device)
         tree = grow_tree(draft, embed, self.draft_cache, slots, last_out, roots,
                          spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-        if spec.ngram_tokens:
-            tree = self._with_lookup(batch, tree)
+        tree = DraftTree(*add_chains(tree.tokens, tree.parents, self._lookup_chains(batch)))
         start = self._record("draft", start)
         # Step 3: ONE target forward over all trees (each row attends to its own slot).
         logits, tree_aux = self._verify(tree, slots, lens)
@@ -319,14 +349,6 @@ class Engine:
             emitted.append(tokens.tolist())
         self._record("accept", start)
         return emitted
-
-    def _with_lookup(self, batch: list[_Request], tree: DraftTree) -> DraftTree:
-        """The trees plus each request's n-gram lookup chain from its root (see ``lookup``)."""
-        spec = self.spec
-        assert spec is not None
-        chains = [ngram_lookup(r.prompt + r.output, spec.ngram_tokens, spec.ngram_min, spec.ngram_max)
-                  for r in batch]
-        return DraftTree(*add_chains(tree.tokens, tree.parents, chains))
 
     def _verify(self, tree: DraftTree, slots: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
         """Target forward over the (B, D) tree tokens -> logits (B, D, V), aux (B, D, 3H)."""

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+TEMPERATURE_FLOOR = 1e-5  # below: greedy; logits / T would overflow float32 into inf and NaN
+TOP_P_FLOOR = 1e-6  # float32 flushes top_p <= 1e-46 to 0, which would drop every token
+
 
 @dataclass
 class SamplingParams:
-    """How one request is decoded. ``temperature == 0`` means greedy (top_p/top_k ignored)."""
+    """How one request is decoded. ``temperature < TEMPERATURE_FLOOR`` (0 included) means greedy
+    (top_p/top_k ignored)."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -43,7 +47,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < TEMPERATURE_FLOOR
 
 
 def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator:
@@ -64,12 +68,15 @@ def draw_uniforms(generators: Sequence[torch.Generator | None], n: int,
 def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """The distribution each request samples from.
 
-    logits (N, V) float; temperature (N,) float (0 = greedy: one-hot on the argmax);
-    top_k (N,) int64 (0 = off); top_p (N,) float (1 = off). Returns probs (N, V) float32.
-    Top-k is applied before top-p, both to the temperature-scaled logits.
+    logits (N, V) float; temperature (N,) float (below ``TEMPERATURE_FLOOR`` = greedy: one-hot on
+    the argmax); top_k (N,) int64 (0 = off); top_p (N,) float (1 = off; floored at
+    ``TOP_P_FLOOR``). Returns probs (N, V) float32. Top-k is applied before top-p, both to the
+    temperature-scaled logits. A row whose distribution is not finite (inf/NaN logits) falls back
+    to the one-hot argmax rather than sampling garbage.
     """
     logits = logits.float()
-    greedy = temperature <= 0
+    greedy = temperature < TEMPERATURE_FLOOR
+    top_p = top_p.float().clamp(min=TOP_P_FLOOR)
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     if bool((top_k > 0).any()):  # sorting 50-150k logits per row is costly: only when asked
         k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
@@ -84,8 +91,10 @@ def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
-    one_hot = torch.zeros_like(probs).scatter(1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], one_hot, probs)
+    finite = logits.nan_to_num(nan=float("-inf"))
+    one_hot = torch.zeros_like(probs).scatter(1, finite.argmax(-1, keepdim=True), 1.0)
+    broken = ~torch.isfinite(probs).all(-1) | ~(probs.sum(-1) > 0)  # (N,)
+    return torch.where((greedy | broken)[:, None], one_hot, probs)
 
 
 def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
