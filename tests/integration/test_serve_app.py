@@ -1,15 +1,18 @@
 """The Serve app running on local Ray (127.0.0.1): the official openai client, raw HTTP,
 greedy EAGLE-3 == baseline, concurrent == sequential, auth, and abort on client disconnect.
 
-Two applications share one Serve instance: ``base`` (plain decoding, /base) and ``eagle``
-(EAGLE-3 with a random draft head, API key required, autoscaling config, /eagle). A random
-head drafts badly, but greedy speculative output must equal plain greedy output anyway.
+Two applications share one Serve instance: ``base`` (plain decoding, /base, a low
+``max_ongoing_requests``) and ``eagle`` (EAGLE-3 with a random draft head, API key read from a
+file, autoscaling config, /eagle). A random head drafts badly, but greedy speculative output must
+equal plain greedy output anyway. The key must appear in no file of the Ray session; stalled
+uploads must not lock out /health.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.integration
 MODEL = "stories260k"
 API_KEY = "test-key-123"
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Lily went to the park", "One day"]
+STALL_TIMEOUT_S = 4.0
 
 
 def random_draft_dir(stories260k: Path, out: Path) -> Path:
@@ -54,19 +58,22 @@ def urls(ray_local, stories260k, tmp_path_factory):
     from eyas.serve.app import build_app
 
     draft = random_draft_dir(stories260k, tmp_path_factory.mktemp("draft"))
+    key_file = tmp_path_factory.mktemp("secrets") / "api_key"
+    key_file.write_text(API_KEY + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     eagle = app_args(
         stories260k, speculative={"draft_path": str(draft), "num_steps": 3, "eagle_topk": 2,
                                   "num_draft_tokens": 5},
-        api_key_env="EYAS_TEST_API_KEY",
+        api_key_file=str(key_file),
         deployment={"autoscaling": {"min_replicas": 1, "max_replicas": 1,
                                     "target_ongoing_requests": 4},
-                    "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {
-                        "env_vars": {"EYAS_TEST_API_KEY": API_KEY}}}})
+                    "ray_actor_options": {"num_cpus": 0.5}})
+    base = app_args(stories260k, body_timeout_s=STALL_TIMEOUT_S, deployment={
+        "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.5}})
     try:
         serve.run_many([  # both replicas load at the same time
-            serve.RunTarget(build_app(app_args(stories260k)), name="base", route_prefix="/base"),
+            serve.RunTarget(build_app(base), name="base", route_prefix="/base"),
             serve.RunTarget(build_app(eagle), name="eagle", route_prefix="/eagle")])
         root = f"http://127.0.0.1:{port}"
         yield {"base": f"{root}/base", "eagle": f"{root}/eagle"}
@@ -180,7 +187,7 @@ BAD = [  # (route, raw body, status, param)
 
 def test_bad_input_gets_openai_errors_and_the_replica_survives(urls) -> None:
     long_prompt = json.dumps({"model": MODEL, "prompt": "cat " * 600}).encode()
-    cases = [*BAD, ("completions", long_prompt, 413, "prompt")]
+    cases = [*BAD, ("completions", long_prompt, 400, "prompt")]
     for route, body, status, param in cases:
         r = httpx.post(f"{urls['base']}/v1/{route}", content=body,
                        headers={"Content-Type": "application/json"}, timeout=30)
@@ -225,3 +232,48 @@ def test_client_disconnect_aborts_the_stream(urls) -> None:
     assert info["finished_requests"].get("abort") == 1, info
     backend = info["backend_info"]
     assert not backend["engine_has_unfinished"] and backend["free_slots"] == 4, backend
+
+
+# ----------------------------------------------------------------------------- hostile clients
+
+
+def test_stalled_uploads_do_not_lock_out_health(urls) -> None:
+    """40 connections send half a body and stall, 10x the app's max_ongoing_requests: /health
+    and a normal request still answer within 2 s; the stalled ones get 408."""
+    host, rest = urls["base"].removeprefix("http://").split(":")
+    port = int(rest.split("/")[0])
+    socks = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(b"POST /base/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 4096\r\n\r\n{\"model\": ")
+            socks.append(s)
+        time.sleep(0.5)  # let the proxy hand them all to the replica
+        started = time.monotonic()
+        assert httpx.get(f"{urls['base']}/health", timeout=2).status_code == 200
+        assert chat_text(urls["base"], "One day", max_tokens=3)[1].usage.completion_tokens == 3
+        assert time.monotonic() - started < 2
+        for s in socks:
+            s.settimeout(STALL_TIMEOUT_S + 20)
+            assert s.recv(4096).startswith(b"HTTP/1.1 408")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_api_key_appears_in_no_ray_file(urls) -> None:
+    """The key was read from a file: no Ray log, no session file, no Serve status carries it
+    (runtime_env.env_vars would have put it in several)."""
+    import ray
+    from ray import serve
+
+    assert httpx.get(f"{urls['eagle']}/v1/models",
+                     headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    needle = API_KEY.encode()
+    leaks = [str(p) for p in session.rglob("*") if p.is_file() and not p.is_symlink()
+             and p.stat().st_size < 200 << 20 and needle in p.read_bytes()]
+    assert not leaks, leaks
+    assert API_KEY not in str(serve.status())
+    assert API_KEY not in json.dumps(ray._private.state.actors(), default=str)

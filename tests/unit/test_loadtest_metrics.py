@@ -328,3 +328,41 @@ def test_config_validation_names_the_problem() -> None:
     cfg = validate_config(LoadTestConfig, {"endpoints": ep, "output": "o", "max_tokens": 9})
     assert cfg.concurrencies == [1, 2, 4, 8, 16, 32, 64] and cfg.temperature == 0.0
     assert cfg.request_max_tokens == 9
+
+
+# --- a replica lost under load -----------------------------------------------------------------
+
+
+def test_plain_text_5xx_is_replica_lost() -> None:
+    # Ray Serve's proxy answers uvicorn's plain-text 500 when the request's replica died
+    assert client.http_error_kind(500, "text/plain; charset=utf-8") == "replica_lost"
+    assert client.http_error_kind(503, "") == "replica_lost"
+    assert client.http_error_kind(500, "application/json") == "http_500"  # the app's own error
+    assert client.http_error_kind(429, "text/plain") == "http_429"
+
+
+def test_recovery_time_after_a_replica_is_lost() -> None:
+    before = rec([0.1], out=2, end=1.0, start=0.0)
+    lost = [rec([], None, 0.5, start=t, error_kind="replica_lost") for t in (4.0, 4.2)]
+    # requests started after the loss wait for the new replica; the first one ends at 15.7
+    after = [rec([8.0], out=2, end=11.2, start=4.5), rec([7.0], out=2, end=11.0, start=5.0)]
+    row = metrics.summarize([before, *lost, *after])
+    assert row["errors_by_kind"] == {"replica_lost": 2} and row["replica_lost"] == 2
+    assert row["recovery_s"] == pytest.approx(15.7 - 4.5)
+    assert metrics.recovery_s([before]) is None
+    assert math.isnan(metrics.recovery_s([before, *lost]))
+
+
+def test_table_reports_lost_requests_and_recovery() -> None:
+    from types import SimpleNamespace
+
+    from eyas.loadtest.report import format_table
+
+    base = {"request_throughput": 1.0, "output_throughput": 10.0, "ttft_ms_median": 5.0,
+            "tpot_ms_median": 2.0, "itl_ms_median": 2.0, "acceptance_length_mean": None,
+            "error_rate": 0.08}
+    rows = [base | {"point": "c16", "endpoint": "eagle3", "replica_lost": 16,
+                    "recovery_s": 11.6}]
+    table = format_table(SimpleNamespace(rows=rows))
+    assert table.splitlines()[-1] == ("  c16 eagle3: 16 requests lost with a replica; "
+                                      "service back after 11.6 s")

@@ -46,6 +46,10 @@ def test_defaults_and_model_name() -> None:
                                            "num_draft_tokens": 8},
       "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "needs eagle_topk=1"),
     ({"speculative": {"draft_path": "d", "overlap_scheduler": True}}, "SGLang option"),
+    ({"backend": "sglang", "speculative": {"draft_path": "d", "ngram_tokens": 4},
+      "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "eyas engine options"),
+    ({"backend": "sglang", "speculative": {"draft_path": "d", "max_speculative_batch": 2},
+      "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "eyas engine options"),
     ({"backend": "sglang"}, "num_gpus >= 1"),
     ({"backend": "sglang", "sglang": {"tp_size": 4},
       "deployment": {"ray_actor_options": {"num_gpus": 2}}}, "num_gpus >= 4"),
@@ -71,7 +75,8 @@ def test_deployment_options_autoscaling_and_fixed() -> None:
                                           "target_ongoing_requests": 5.0}
     assert opts["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 1.0,
                                          "accelerator_type": "H200"}
-    assert "num_replicas" not in opts and opts["max_ongoing_requests"] == 64
+    # Serve's limit: generation (64 running + 64 queued, the app's own bound) + control headroom
+    assert "num_replicas" not in opts and opts["max_ongoing_requests"] == 64 + 64 + 64
     fixed = deployment_options(cfg(deployment={"num_replicas": 2}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
 

@@ -37,9 +37,12 @@ def server(stories260k: Path):
 
 
 def call(server: OpenAIServer, method: str, path: str, body: dict | bytes | None = None,
-         key: str | None = KEY) -> httpx.Response:
+         key: str | None = KEY, content_type: str | None = "application/json"
+         ) -> httpx.Response:
     """One request through the ASGI app (streams arrive whole)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if content_type is not None and body is not None:
+        headers["Content-Type"] = content_type
 
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=build_fastapi_app(server))
@@ -111,7 +114,9 @@ def test_seeded_sampling_is_reproducible(server) -> None:
 @pytest.mark.parametrize(("body", "status", "code"), [
     ({"prompt": "hi", "max_tokens": 301}, 400, "invalid_value"),  # over max_tokens_limit
     ({"prompt": [1] + [403] * 400, "max_tokens": 200}, 400, "context_length_exceeded"),
-    ({"prompt": [403] * 512}, 413, "context_length_exceeded"),
+    ({"prompt": [403] * 512}, 400, "context_length_exceeded"),  # OpenAI's status, not 413
+    ({"prompt": "cat " * 5000}, 400, "context_length_exceeded"),  # cut before tokenizing
+    ({"prompt": "hi", "stop_token_ids": [5, 99999]}, 400, "invalid_value"),
     ({"prompt": [1, 99999]}, 400, "invalid_value"),
     ({"prompt": []}, 400, None),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model_not_found"),
@@ -142,9 +147,29 @@ def test_auth_and_open_health(server) -> None:
 
 
 def test_api_key_env_must_be_set(stories260k) -> None:
-    with pytest.raises(ValueError, match="EYAS_NOT_SET_ANYWHERE"):
+    with pytest.raises(ValueError, match="EYAS_NOT_SET_ANYWHERE") as info:
         OpenAIServer(ServeConfig(model=str(stories260k), api_key_env="EYAS_NOT_SET_ANYWHERE"),
                      backend=object(), tokenizer=object())
+    assert "runtime_env.env_vars" not in str(info.value)  # no longer recommended: Ray logs it
+
+
+def test_api_key_from_a_file(stories260k, tmp_path) -> None:
+    from eyas.serve.server import read_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key\n")
+    assert read_api_key(ServeConfig(model="m", api_key_file=str(key_file))) == "file-key"
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_api_key(ServeConfig(model="m", api_key_file=str(tmp_path / "absent")))
+    key_file.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        read_api_key(ServeConfig(model="m", api_key_file=str(key_file)))
+
+
+def test_api_key_in_runtime_env_is_refused() -> None:
+    with pytest.raises(ValueError, match="api_key_file"):
+        ServeConfig(model="m", api_key_env="K", deployment={"ray_actor_options": {
+            "runtime_env": {"env_vars": {"K": "sekret"}}}})
 
 
 # ----------------------------------------------------------------------------- abort
@@ -214,3 +239,289 @@ def test_a_failing_step_fails_its_requests_not_the_loop() -> None:
     assert "device-side assert" in str(got[0]) and loop.alive and loop.failures == 3
     assert not engine.pending  # every failed request was aborted
     loop.stop()
+
+
+# ----------------------------------------------------------------------------- hostile clients
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "stories260k", "prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}",  # RecursionError
+    b'{"model": "stories260k", "prompt": "hi", "max_tokens": ' + b"7" * 5000 + b"}",  # int digits
+    b'{"model": "stories260k", "prompt": "a\\ud800b"}',  # lone surrogate (tokenizer TypeError)
+    b'{"model": "stories260k", "messages": [{"role": "user", "content": "\\udfff"}]}',
+    b'{"model": "stories260k", "prompt": "hi", "temperature": NaN}',
+    b'{"model": "stories260k", "prompt": "hi", "\\ud800": 1}',  # unknown field named badly
+])
+def test_hostile_bodies_are_400_not_500(server, body) -> None:
+    route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    r = call(server, "POST", route, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] in ("invalid_json", "invalid_value")
+
+
+def test_tiny_temperature_and_top_p_are_greedy_not_nan(server) -> None:
+    greedy = completion(server, max_tokens=16)["choices"][0]["text"]
+    for knobs in ({"temperature": 1e-39}, {"temperature": 1.0, "top_p": 1e-46, "seed": 3},
+                  {"temperature": 1e-44, "top_p": 1e-300}):
+        assert completion(server, max_tokens=16, **knobs)["choices"][0]["text"] == greedy, knobs
+
+
+def test_sampling_guards_nan_and_floors() -> None:
+    import torch
+
+    from eyas.engine.sampling import probs_from_logits
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.5, 0.1, 0.2], [float("nan"), 1.0, 0.0],
+                           [1.0, float("inf"), 0.0]])
+    probs = probs_from_logits(logits, torch.tensor([1e-39, 1.0, 1.0, 1.0]),
+                              torch.zeros(4, dtype=torch.long),
+                              torch.tensor([1.0, 1e-46, 1.0, 1.0]))
+    assert torch.isfinite(probs).all()
+    assert probs.argmax(-1).tolist() == [1, 0, 1, 1] and (probs.max(-1).values == 1).all()
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_non_json_content_type_is_415(server, ctype) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    r = call(server, "POST", "/v1/completions", body, content_type=ctype)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    ok = call(server, "POST", "/v1/completions", body,
+              content_type="application/json; charset=utf-8")
+    assert ok.status_code == 200, ok.text
+
+
+def test_stop_token_ids_are_capped_and_range_checked(server) -> None:
+    r = call(server, "POST", "/v1/completions",
+             {"model": MODEL, "prompt": "hi", "stop_token_ids": list(range(520_000))})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+    r = call(server, "POST", "/v1/completions",
+             {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("stop_token_ids")
+
+
+# Fakes for the HTTP layer: a backend whose streams finish, hang or fail on request.
+
+
+class FakeTokenizer:
+    """TEST DOUBLE: three ids per prompt; ``delay_s`` of blocking work per call (a huge prompt)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def __call__(self, text: str) -> dict:
+        time.sleep(self.delay_s)
+        return {"input_ids": [1, 2, 3]}
+
+    def __len__(self) -> int:
+        return 100
+
+
+class FakeStream:
+    def __init__(self, mode: str) -> None:
+        self.mode, self.sent, self.closed = mode, 0, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        from eyas.serve.backends.base import GenerationChunk
+
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "fail":
+            raise RuntimeError("CUDA error at 0xdeadbeef in /secret/path.py")
+        if self.sent == 2:
+            raise StopAsyncIteration
+        self.sent += 1
+        return GenerationChunk("x", 1, 3, self.sent, "length" if self.sent == 2 else None)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """TEST DOUBLE of ``Backend``: ``mode`` = ok | hang | fail | raise (generate itself)."""
+
+    name, max_context = "fake", 64
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode, self.streams = mode, []
+
+    async def generate(self, request_id, prompt_ids, params):
+        if self.mode == "raise":
+            raise RuntimeError("KeyError: '/secret/path.py'")
+        self.streams.append(FakeStream(self.mode))
+        return self.streams[-1]
+
+    def info(self) -> dict:
+        return {}
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def fake_server(mode: str = "ok", delay_s: float = 0.0, **cfg) -> OpenAIServer:
+    return OpenAIServer(ServeConfig(model="fake", **cfg), backend=FakeBackend(mode),
+                        tokenizer=FakeTokenizer(delay_s))
+
+
+@pytest.mark.parametrize("mode", ["raise", "fail"])
+def test_server_faults_are_500_without_exception_text(mode, caplog) -> None:
+    srv = fake_server(mode)
+    r = call(srv, "POST", "/v1/completions", {"model": "fake", "prompt": "hi"}, key=None)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "Error" not in r.text, r.text
+    assert "secret" in caplog.text  # the cause is in the log, once
+    assert srv.admission.active == 0
+    streamed = call(srv, "POST", "/v1/completions",
+                    {"model": "fake", "prompt": "hi", "stream": True}, key=None)
+    assert "secret" not in streamed.text and srv.admission.active == 0
+
+
+def test_request_timeout_ends_hanging_generation() -> None:
+    srv = fake_server("hang", request_timeout_s=0.3)
+    started = time.monotonic()
+    r = call(srv, "POST", "/v1/completions", {"model": "fake", "prompt": "hi"}, key=None)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+    s = call(srv, "POST", "/v1/completions", {"model": "fake", "prompt": "hi", "stream": True},
+             key=None)
+    assert '"code":"request_timeout"' in s.text and s.text.endswith("data: [DONE]\n\n")
+    assert time.monotonic() - started < 5
+    assert all(st.closed for st in srv.backend.streams) and srv.admission.active == 0
+
+
+def test_admission_bounds_the_queue_with_503_and_retry_after() -> None:
+    from eyas.serve.api import APIError
+    from eyas.serve.server import Admission
+
+    async def go() -> None:
+        adm = Admission(limit=2, queue=1)
+        await adm.acquire()
+        await adm.acquire()
+        waiter = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        assert adm.waiting == 1 and not waiter.done()
+        with pytest.raises(APIError) as info:
+            await adm.acquire()
+        assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+        adm.release()  # hands its place to the waiter
+        await asyncio.wait_for(waiter, 1)
+        assert adm.active == 2 and adm.waiting == 0
+        cancelled = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        adm.release()
+        adm.release()
+        assert adm.active == 0
+
+    asyncio.run(go())
+
+
+def test_full_replica_answers_503_with_retry_after() -> None:
+    srv = fake_server("hang", deployment={"max_ongoing_requests": 1}, max_queued_requests=0)
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_fastapi_app(srv))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            body = {"model": "fake", "prompt": "hi", "stream": True}
+            hanging = asyncio.create_task(c.post("/v1/completions", json=body))
+            while srv.admission.active == 0:
+                await asyncio.sleep(0.01)
+            r = await c.post("/v1/completions", json=body)
+            hanging.cancel()
+            return r
+
+    r = asyncio.run(go())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
+
+
+def test_tokenizing_runs_off_the_event_loop() -> None:
+    """A prompt that takes 1 s to tokenize must not stall /health."""
+    srv = fake_server(delay_s=1.0)
+
+    async def go() -> float:
+        transport = httpx.ASGITransport(app=build_fastapi_app(srv))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            slow = asyncio.create_task(c.post("/v1/completions",
+                                              json={"model": "fake", "prompt": "big"}))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            assert (await c.get("/health")).status_code == 200
+            took = time.monotonic() - started
+            assert (await slow).status_code == 200
+            return took
+
+    assert asyncio.run(go()) < 0.5
+
+
+async def asgi_call(app, method: str, chunks: list[bytes | None], headers: dict[str, str],
+                    stall_s: float = 0.0) -> tuple[int | None, bytes, int]:
+    """Drive an ASGI app by hand: the body in ``chunks`` (None: the client disconnects; after
+    the last one the client stalls ``stall_s``). Returns (status, body, chunks consumed)."""
+    queue = list(chunks)
+    consumed = 0
+    out: dict = {"status": None, "body": b""}
+
+    async def receive():
+        nonlocal consumed
+        if not queue:
+            await asyncio.sleep(stall_s)
+            return {"type": "http.disconnect"}
+        chunk = queue.pop(0)
+        consumed += 1
+        if chunk is None:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "scheme": "http",
+             "server": ("t", 80), "client": ("c", 1),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    await app(scope, receive, send)
+    return out["status"], out["body"], consumed
+
+
+JSON_CT = {"content-type": "application/json"}
+
+
+def test_body_limit_from_content_length_and_while_reading() -> None:
+    app = build_fastapi_app(fake_server(max_request_bytes=4096))
+    status, _, consumed = asyncio.run(asgi_call(
+        app, "POST", [b"x" * 1024] * 100, JSON_CT | {"content-length": str(10**9)}))
+    assert status == 413 and consumed == 0  # refused from the header, nothing read
+    status, body, consumed = asyncio.run(asgi_call(app, "POST", [b"x" * 1024] * 100, JSON_CT))
+    assert status == 413 and consumed == 5, consumed  # stopped just past 4 KiB
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_stalled_body_gets_408() -> None:
+    app = build_fastapi_app(fake_server(body_timeout_s=0.3))
+    started = time.monotonic()
+    status, body, _ = asyncio.run(asgi_call(app, "POST", [b'{"model": '], JSON_CT, stall_s=60))
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert time.monotonic() - started < 5
+
+
+def test_client_disconnect_is_one_quiet_line(caplog) -> None:
+    import logging
+
+    app = build_fastapi_app(fake_server())
+    with caplog.at_level(logging.DEBUG):
+        status, _, _ = asyncio.run(asgi_call(app, "POST", [b'{"mo', None], JSON_CT))
+    assert status is None  # nothing is sent to a client that left
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    mine = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(mine) == 1 and mine[0].exc_info is None

@@ -12,7 +12,9 @@ these found in the last chunk that has them is recorded:
 ``spec_verify_ct`` (verify steps), looked up in ``usage``, in ``usage["spec"]``, at the top
 level of the chunk, and in the chunk's ``meta_info`` / ``spec`` / ``speculative`` objects.
 
-Error kinds: ``http_<status>`` (a non-200 answer), ``timeout`` (``request_timeout_s`` passed),
+Error kinds: ``replica_lost`` (a 5xx whose body is not JSON: Ray Serve's proxy answers so when the
+replica serving the request died or none is up, while the app itself answers JSON errors),
+``http_<status>`` (any other non-200 answer), ``timeout`` (``request_timeout_s`` passed),
 ``connection`` (refused, reset, or closed before the stream finished), ``protocol`` (malformed
 SSE/JSON, or a stream without a usage chunk: the server ignores
 ``stream_options.include_usage``), ``server_error`` (an ``error`` object inside the stream).
@@ -192,6 +194,14 @@ async def read_stream(resp: aiohttp.ClientResponse, rec: RequestRecord, clock: C
             apply_chunk(rec, parsed, clock.now() - rec.start)
 
 
+def http_error_kind(status: int, content_type: str) -> str:
+    """``replica_lost`` for a 5xx that is not JSON (no OpenAI-compatible app answers that way:
+    Ray Serve's proxy does when the replica serving the request died), else ``http_<status>``."""
+    if status >= 500 and "json" not in content_type.lower():
+        return "replica_lost"
+    return f"http_{status}"
+
+
 def classify(exc: BaseException) -> str:
     """Error kind of an exception raised while sending or streaming."""
     if isinstance(exc, TimeoutError):  # before ClientConnectionError: ServerTimeoutError is both
@@ -214,8 +224,8 @@ async def send_request(session: aiohttp.ClientSession, target: Target, body: dic
                                 timeout=timeout) as resp:
             rec.http_status = resp.status
             if resp.status != 200:
-                rec.error_kind = f"http_{resp.status}"
-                rec.error = (await resp.text())[:500]
+                rec.error = (await resp.text(errors="replace"))[:500]
+                rec.error_kind = http_error_kind(resp.status, resp.headers.get("Content-Type", ""))
             else:
                 ctype = resp.headers.get("Content-Type", "")
                 if "text/event-stream" not in ctype:

@@ -20,6 +20,9 @@ Definitions (docs/EAGLE3.md, "Load-test metric definitions"):
 - Throughput: successful requests' output tokens (and requests) / wall time of the point.
 - Goodput: successful requests/s meeting both SLOs; TPOT is not defined for 1-token outputs,
   so such requests pass the TPOT bound.
+- Recovery: when requests were lost with a replica (error kind ``replica_lost``), the seconds
+  from the first such failure reaching the client to the end of the first successful request
+  that started after it (service is back once a new request completes).
 
 Latencies in summaries are milliseconds; timeline fields are seconds.
 """
@@ -210,6 +213,17 @@ def meets_slo(r: RequestRecord, ttft_ms: float | None, tpot_ms: float | None) ->
     return not (tpot_ms is not None and tpot is not None and tpot * 1e3 > tpot_ms)
 
 
+def recovery_s(records: list[RequestRecord]) -> float | None:
+    """Seconds from the first ``replica_lost`` failure to the end of the first successful request
+    started after it; None without such a failure, NaN when nothing succeeded afterwards."""
+    lost = [r.end for r in records if r.error_kind == "replica_lost" and r.end is not None]
+    if not lost:
+        return None
+    first = min(lost)
+    back = [r.end for r in records if r.ok and r.end is not None and r.start >= first]
+    return min(back) - first if back else math.nan
+
+
 def _per_second(x: float, wall: float) -> float:
     return x / wall if wall > 0 else math.nan
 
@@ -230,6 +244,7 @@ def summarize(records: list[RequestRecord], ttft_ms: float | None = None,
         "output_throughput": _per_second(out_tokens, wall),
         "goodput": _per_second(sum(meets_slo(r, ttft_ms, tpot_ms) for r in ok), wall),
         "acceptance_length_mean": sum(acc) / len(acc) if acc else None,
+        "replica_lost": errors.get("replica_lost", 0), "recovery_s": recovery_s(records),
     }
     row.update(describe([v for v in map(ttft_s, ok) if v is not None], "ttft_ms", 1e3))
     row.update(describe([v for v in map(tpot_s, ok) if v is not None], "tpot_ms", 1e3))

@@ -4,7 +4,12 @@ and print the comparison table.
 Files under ``cfg.output``: ``requests.jsonl`` (one measured request per line, with its TTFT,
 TPOT and E2E in ms), ``summary.json`` (config + one row per endpoint x point), ``summary.csv``
 (the same rows), ``tpot_vs_<x>.png`` and ``throughput_vs_<x>.png`` for x = concurrency and/or
-rate (one line per endpoint), and ``manifest.json`` last.
+rate (one line per endpoint), ``throughput_vs_tpot.png`` (the trade-off: output tokens/s against
+median TPOT, one point per load point), and ``manifest.json`` last.
+
+Every plot is titled with the model(s), the endpoints and their speculation (the mean acceptance
+length each endpoint reported; 1.0 is plain decoding); concurrency is on a log2 axis; latency
+points are medians with a whisker up to p90; a point with failed requests is circled in red.
 """
 
 from __future__ import annotations
@@ -62,44 +67,129 @@ def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def plot_bytes(rows: list[dict[str, Any]], mode: str, y_field: str, y_label: str) -> bytes:
-    """A PNG of ``y_field`` against the point's x, one line per endpoint."""
+ERROR_STYLE = {"marker": "o", "s": 160, "facecolors": "none", "edgecolors": "red",
+               "linewidths": 1.5, "zorder": 5}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not math.isnan(x)
+
+
+def plot_title(cfg: LoadTestConfig, rows: list[dict[str, Any]]) -> str:
+    """Model(s) and endpoints on the first line; each endpoint's speculation (mean acceptance
+    length over its points) and the sampling settings on the second."""
+    models = ", ".join(dict.fromkeys(ep.model for ep in cfg.endpoints))
+    parts = []
+    for ep in cfg.endpoints:
+        acc = [r["acceptance_length_mean"] for r in rows
+               if r["endpoint"] == ep.name and _finite(r.get("acceptance_length_mean"))]
+        spec = f"acc len {sum(acc) / len(acc):.2f}" if acc else "no spec stats"
+        parts.append(f"{ep.name} ({spec})")
+    return (f"{models}: {' vs '.join(ep.name for ep in cfg.endpoints)}\n"
+            f"{'; '.join(parts)}; T={cfg.temperature:g}, max_tokens={cfg.max_tokens}")
+
+
+def _log2_x(ax: Any, xs: list[float]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+
+
+def _figure(title: str | None) -> tuple[Any, Any]:
     from matplotlib.figure import Figure  # heavy import; Figure avoids pyplot's global state
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.6), dpi=110)
     ax = fig.subplots()
-    x_field = _X_FIELD[mode]
-    for name in dict.fromkeys(r["endpoint"] for r in rows):
-        pts = sorted((r[x_field], r[y_field]) for r in rows if r["endpoint"] == name
-                     and r["mode"] == mode and r[y_field] is not None and not math.isnan(r[y_field]))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if mode == "concurrency":
-        ax.set_xscale("log", base=2)
-        xs = sorted({r[x_field] for r in rows if r["mode"] == mode})
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off()
-    ax.set_xlabel(_X_LABEL[mode])
-    ax.set_ylabel(y_label)
+    if title:
+        ax.set_title(title, fontsize=8.5)
+    return fig, ax
+
+
+def _png(fig: Any, ax: Any) -> bytes:
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
-def write_plots(out: str, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Median TPOT and output throughput against concurrency and/or rate."""
+def plot_bytes(rows: list[dict[str, Any]], mode: str, y_field: str, y_label: str,
+               title: str | None = None) -> bytes:
+    """A PNG of ``y_field`` against the point's x, one line per endpoint. For a ``*_median``
+    field the whisker reaches the matching ``*_p90``; points with failures are circled red."""
+    fig, ax = _figure(title)
+    x_field = _X_FIELD[mode]
+    p90_field = y_field.replace("_median", "_p90") if y_field.endswith("_median") else None
+    for name in dict.fromkeys(r["endpoint"] for r in rows):
+        pts = sorted((r[x_field], r[y_field], r.get(p90_field) if p90_field else None,
+                      r.get("failed", 0)) for r in rows
+                     if r["endpoint"] == name and r["mode"] == mode and _finite(r[y_field]))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if p90_field:
+            up = [max(p[2] - p[1], 0.0) if _finite(p[2]) else 0.0 for p in pts]
+            ax.errorbar(xs, ys, yerr=[[0.0] * len(pts), up], marker="o", capsize=3,
+                        label=f"{name} (p50, whisker p90)")
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
+        bad = [(p[0], p[1]) for p in pts if p[3]]
+        if bad:
+            ax.scatter([b[0] for b in bad], [b[1] for b in bad], **ERROR_STYLE,
+                       label=f"{name}: with errors")
+    if mode == "concurrency":
+        _log2_x(ax, sorted({r[x_field] for r in rows if r["mode"] == mode}))
+    ax.set_xlabel(_X_LABEL[mode])
+    ax.set_ylabel(y_label)
+    return _png(fig, ax)
+
+
+def tradeoff_plot_bytes(rows: list[dict[str, Any]], title: str | None = None) -> bytes:
+    """Output tokens/s against median TPOT (p90 whisker), one line per endpoint and mode, each
+    point labelled with its concurrency or rate: up and to the left is better."""
+    fig, ax = _figure(title)
+    for name in dict.fromkeys(r["endpoint"] for r in rows):
+        for mode in ("concurrency", "rate"):
+            pts = sorted((r["tpot_ms_median"], r["output_throughput"], r.get("tpot_ms_p90"),
+                          r[_X_FIELD[mode]], r.get("failed", 0)) for r in rows
+                         if r["endpoint"] == name and r["mode"] == mode
+                         and _finite(r["tpot_ms_median"]) and _finite(r["output_throughput"]))
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            right = [max(p[2] - p[0], 0.0) if _finite(p[2]) else 0.0 for p in pts]
+            label = name if mode == "concurrency" else f"{name} (rate)"
+            ax.errorbar(xs, ys, xerr=[[0.0] * len(pts), right], marker="o", capsize=3,
+                        label=label)
+            for x, y, _, at, _ in pts:
+                ax.annotate(f"{'c' if mode == 'concurrency' else 'r'}{at:g}", (x, y),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+            bad = [(p[0], p[1]) for p in pts if p[4]]
+            if bad:
+                ax.scatter([b[0] for b in bad], [b[1] for b in bad], **ERROR_STYLE,
+                           label=f"{name}: with errors")
+    ax.set_xlabel("median TPOT (ms), whisker to p90")
+    ax.set_ylabel("output tokens/s")
+    return _png(fig, ax)
+
+
+def write_plots(out: str, rows: list[dict[str, Any]], title: str | None = None) -> dict[str, str]:
+    """Median TPOT and output throughput against concurrency and/or rate, and throughput
+    against TPOT."""
     files = {}
     for mode in ("concurrency", "rate"):
         if not any(r["mode"] == mode for r in rows):
             continue
-        for name, y_field, y_label in (("tpot", "tpot_ms_median", "median TPOT (ms)"),
+        for name, y_field, y_label in (("tpot", "tpot_ms_median", "TPOT (ms)"),
                                        ("throughput", "output_throughput", "output tokens/s")):
             uri = storage.join(out, f"{name}_vs_{mode}.png")
-            storage.write_bytes(uri, plot_bytes(rows, mode, y_field, y_label))
+            storage.write_bytes(uri, plot_bytes(rows, mode, y_field, y_label, title))
             files[f"{name}_vs_{mode}"] = uri
+    if rows:
+        uri = storage.join(out, "throughput_vs_tpot.png")
+        storage.write_bytes(uri, tradeoff_plot_bytes(rows, title))
+        files["throughput_vs_tpot"] = uri
     return files
 
 
@@ -114,7 +204,7 @@ def write_results(cfg: LoadTestConfig, rows: list[dict[str, Any]],
     storage.write_json(files["summary_json"],
                        clean({"config": cfg.model_dump(mode="json"), "rows": rows}))
     storage.write_bytes(files["summary_csv"], csv_bytes(rows))
-    files |= write_plots(out, rows)
+    files |= write_plots(out, rows, plot_title(cfg, rows))
     art = storage.Artifact(out)
     art.write_manifest("loadtest", cfg.model_dump(mode="json"), config_hash(cfg),
                        counts={"requests": len(records), "points": len(rows)},
@@ -155,6 +245,13 @@ def format_table(result: LoadTestResult) -> str:
                       _fmt(_ratio(b["tpot_ms_median"], r["tpot_ms_median"]), ".2f")])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     body = [_join(row, widths) for row in [header, ["-" * w for w in widths], *lines]]
+    for r in result.rows:
+        if r.get("replica_lost"):
+            back = r.get("recovery_s")
+            when = ("not back before the point ended" if back is None or math.isnan(back)
+                    else f"service back after {back:.1f} s")
+            body.append(f"  {r['point']} {r['endpoint']}: {r['replica_lost']} requests lost "
+                        f"with a replica; {when}")
     return "\n".join(body)
 
 

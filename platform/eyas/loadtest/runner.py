@@ -270,16 +270,21 @@ class ClientWorker:
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else a counter printed every few seconds."""
+    """A tqdm bar on a terminal; elsewhere (``ray job logs``, CI, a file), where a bar's carriage
+    returns make one endless line, a plain line every ``every_s`` seconds and one at the end."""
 
-    def __init__(self, desc: str, total: int | None, enabled: bool) -> None:
-        self.desc, self.total, self.enabled, self.n, self._last_print = desc, total, enabled, 0, 0.0
+    def __init__(self, desc: str, total: int | None, enabled: bool, every_s: float = 10.0,
+                 stream: Any = None) -> None:
+        self.desc, self.total, self.enabled, self.n = desc, total, enabled, 0
+        self.every_s, self._last_print, self._printed = every_s, time.time(), -1
+        self.stream = stream if stream is not None else sys.stderr
         self._bar = None
-        if enabled:
+        if enabled and _is_terminal(self.stream):
             try:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, unit="req", leave=False, file=sys.stderr)
+                self._bar = tqdm(total=total, desc=desc, unit="req", leave=False,
+                                 file=self.stream)
             except ImportError:
                 self._bar = None
 
@@ -288,14 +293,24 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.update(n - self.n)
-        elif time.time() - self._last_print > 3:
-            print(f"{self.desc}: {n}/{self.total or '?'} requests", file=sys.stderr, flush=True)
-            self._last_print = time.time()
+        elif time.time() - self._last_print >= self.every_s:
+            self._line(n)
         self.n = n
+
+    def _line(self, n: int) -> None:
+        print(f"{self.desc}: {n}/{self.total or '?'} requests", file=self.stream, flush=True)
+        self._last_print, self._printed = time.time(), n
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        elif self.enabled and self._printed != self.n:
+            self._line(self.n)
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def run_phase(actors: list[Any], plans: list[ShardPlan], desc: str, progress: bool) -> ShardResult:

@@ -5,6 +5,13 @@ Requests are strict: an unknown field, a wrong JSON type or an unsupported optio
 ignored. Extensions shared with vLLM/SGLang: ``top_k``, ``ignore_eos``, ``stop_token_ids`` and
 ``stream_options.continuous_usage_stats`` (usage on every chunk).
 
+Hostile input is a 4xx, never a 500: a body that is not UTF-8 JSON (or nests too deep, or has an
+integer beyond Python's digit limit, or NaN/Infinity) is ``invalid_json``; a lone UTF-16
+surrogate in any text field is ``invalid_value``; ``stop_token_ids`` holds at most
+``MAX_STOP_TOKEN_IDS`` non-negative ids. Sampling knobs below what float32 can carry are floored
+(``sampling_params``, with ``eyas.engine.sampling``'s floors, for every backend): a
+temperature under ``TEMPERATURE_FLOOR`` is greedy, top_p is at least ``TOP_P_FLOOR``.
+
 Usage extension (documented; the load tester reads it): with speculative statistics
 ``usage.spec = {"verify_steps": n, "accepted_tokens": m, "acceptance_length": x}`` and, for
 SGLang parity, ``usage.spec_verify_ct = n``. ``acceptance_length`` is tokens emitted per
@@ -15,24 +22,35 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from eyas.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64
 
 
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type_, param, code)
+        self.headers = headers  # e.g. Retry-After on 503
 
     def body(self) -> dict[str, Any]:
         """The OpenAI-style JSON error body."""
@@ -41,11 +59,32 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
-    """``{"error": {...}}`` as OpenAI writes it."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """``{"error": {...}}`` as OpenAI writes it; client-supplied text in ``message`` or ``param``
+    (an unknown field's name) is cut short and made encodable, so an error can always be sent."""
+    return {"error": {"message": _printable(message, 1000), "type": type_,
+                      "param": None if param is None else _printable(param, 200), "code": code}}
+
+
+def _printable(text: str, limit: int) -> str:
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------------- requests
+
+
+def _valid_unicode(text: str) -> str:
+    """Reject lone UTF-16 surrogates (JSON allows ``"\\ud800"``; no tokenizer takes them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired UTF-16 surrogate at character {exc.start}; "
+                         "send valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -61,14 +100,14 @@ class StreamOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     """A chat turn; content is text or a list of text parts (images are not supported)."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         """The content as one string (text parts joined without separator, as OpenAI does)."""
@@ -83,22 +122,22 @@ class ChatMessage(_Strict):
 class _Sampling(_Strict):
     """Fields shared by chat and text completions."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what a torch.Generator takes
-    user: str | None = None  # accepted for compatibility; only logged by OpenAI itself
+    user: Text | None = None  # accepted for compatibility; only logged by OpenAI itself
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # Extensions (vLLM/SGLang names).
     top_k: int = Field(0, ge=-1)  # 0 or -1: off
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
 
     @field_validator("n")
     @classmethod
@@ -148,10 +187,12 @@ class _Sampling(_Strict):
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's parameters for this request (``max_tokens`` already resolved)."""
-        from eyas.engine.sampling import SamplingParams
+        from eyas.engine.sampling import TEMPERATURE_FLOOR, TOP_P_FLOOR, SamplingParams
 
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                              top_p=self.top_p, top_k=max(self.top_k, 0), stop=self.stop_list,
+        temperature = 0.0 if self.temperature < TEMPERATURE_FLOOR else self.temperature
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                              top_p=max(self.top_p, TOP_P_FLOOR), top_k=max(self.top_k, 0),
+                              stop=self.stop_list,
                               stop_token_ids=list(self.stop_token_ids),
                               ignore_eos=self.ignore_eos, seed=self.seed)
 
@@ -183,11 +224,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: one prompt, as text or token ids."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -213,16 +254,23 @@ class CompletionRequest(_Sampling):
         return p[0] if isinstance(p, list) and p and isinstance(p[0], str | list) else p
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_request(model: type[_Sampling], body: bytes, max_bytes: int) -> Any:
     """Bytes of a request body -> a validated request; APIError 400/413 naming the problem."""
     if len(body) > max_bytes:
         raise APIError(413, f"request body of {len(body)} bytes exceeds the limit of {max_bytes}",
                        code="request_too_large")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc}); send a JSON object",
-                       code="invalid_json") from None
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to be a request; send a flat "
+                       "JSON object", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit, NaN
+        raise APIError(400, f"the request body is not valid JSON ({_short(exc)}); send a JSON "
+                       "object", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
                        code="invalid_json")
@@ -230,6 +278,13 @@ def parse_request(model: type[_Sampling], body: bytes, max_bytes: int) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_api_error(exc) from None
+    except RecursionError:
+        raise APIError(400, "the request nests too deeply", code="invalid_value") from None
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def validation_api_error(exc: ValidationError) -> APIError:
@@ -237,11 +292,11 @@ def validation_api_error(exc: ValidationError) -> APIError:
     errors = exc.errors()
     lines = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<body>"
+        loc = ".".join(str(p)[:60] for p in err["loc"]) or "<body>"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}")
     first = errors[0]["loc"] if errors else ()
-    param = ".".join(str(p) for p in first) or None
+    param = ".".join(str(p)[:60] for p in first) or None
     return APIError(400, "invalid request: " + "; ".join(lines), param=param,
                     code="invalid_value")
 

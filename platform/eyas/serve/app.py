@@ -44,12 +44,24 @@ class EyasOpenAIDeployment:
             server.shutdown()
 
 
+CONTROL_HEADROOM = 64
+"""Requests a replica takes beyond its generation requests (running + queued): health checks,
+model lists, and bodies still uploading, so that none of these waits behind generation."""
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """``Deployment.options(...)`` for ``cfg.deployment`` (None values left out)."""
+    """``Deployment.options(...)`` for ``cfg.deployment`` (None values left out).
+
+    Serve's per-replica limit is the app's own generation bound (``max_ongoing_requests`` +
+    ``max_queued_requests``, enforced by ``server.Admission`` with 503 + Retry-After beyond)
+    plus ``CONTROL_HEADROOM``: Serve counts a request from the moment it reaches a replica,
+    before its body arrives, and a limit as low as the generation bound let stalled uploads
+    lock out ``/health``."""
     dep = cfg.deployment
     actor = {k: v for k, v in dep.ray_actor_options.model_dump().items()
              if v is not None and v != {}}
-    opts: dict[str, Any] = {"name": dep.name, "max_ongoing_requests": dep.max_ongoing_requests,
+    serve_limit = dep.max_ongoing_requests + cfg.max_queued_requests + CONTROL_HEADROOM
+    opts: dict[str, Any] = {"name": dep.name, "max_ongoing_requests": serve_limit,
                             "ray_actor_options": actor}
     if dep.autoscaling is not None:
         opts["autoscaling_config"] = {k: v for k, v in dep.autoscaling.model_dump().items()

@@ -2,7 +2,9 @@
 
 One ``ServeConfig`` describes one OpenAI-compatible model endpoint: which target model, which
 backend runs it (the eyas engine on CPU/GPU, or SGLang on GPUs), optional EAGLE-3 speculation,
-request limits, optional API-key auth, and how Ray Serve places and autoscales the replicas.
+request limits and timeouts, optional API-key auth (from a file or the node's environment, never
+from ``runtime_env``, which Ray writes to its logs and shows on its dashboard), and how Ray Serve
+places and autoscales the replicas.
 Validation happens in the builder (``eyas.serve.app.build_app``) on the driver, so a wrong key
 or value fails before any replica starts. Paths are resolved later, on the replica.
 """
@@ -31,6 +33,10 @@ class SpeculativeConfig(StrictModel):
     eagle_topk: int | None = Field(None, ge=1)
     num_draft_tokens: int | None = Field(None, ge=2)
     overlap_scheduler: bool = False  # SGLang only: SGLANG_ENABLE_SPEC_V2=True (needs K=1)
+    # eyas engine only: an n-gram lookup branch of up to this many tokens verified with the tree,
+    # and plain decoding for rounds of more than max_speculative_batch requests (None: never)
+    ngram_tokens: int = Field(0, ge=0)
+    max_speculative_batch: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _knobs(self) -> SpeculativeConfig:
@@ -106,7 +112,7 @@ class ActorOptions(StrictModel):
     memory: int | None = Field(None, ge=0)  # bytes
     accelerator_type: str | None = None  # e.g. "H200"
     resources: dict[str, float] = Field(default_factory=dict)
-    runtime_env: dict[str, Any] | None = None  # e.g. {"env_vars": {"EYAS_API_KEY": "..."}}
+    runtime_env: dict[str, Any] | None = None  # never secrets: Ray logs and shows it
 
 
 class DeploymentConfig(StrictModel):
@@ -115,7 +121,11 @@ class DeploymentConfig(StrictModel):
     name: str = "EyasOpenAI"
     num_replicas: int | None = Field(None, ge=1)  # fixed count; exclusive with autoscaling
     autoscaling: AutoscalingConfig | None = None
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; more wait in Serve's queue
+    # Generation requests one replica runs at once (engine slots + its own waiting list); the
+    # next ServeConfig.max_queued_requests wait in the replica, the rest get 503 + Retry-After.
+    # Serve's own per-replica limit is set above it (eyas.serve.app) so that /health and requests
+    # still uploading their bodies never wait behind generation.
+    max_ongoing_requests: int = Field(64, ge=1)
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
 
     @model_validator(mode="after")
@@ -135,11 +145,33 @@ class ServeConfig(StrictModel):
     engine: EyasEngineConfig = Field(default_factory=EyasEngineConfig)
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
     speculative: SpeculativeConfig | None = None
-    api_key_env: str | None = None  # env var holding the API key; unset: no auth
+    # The API key (unset: no auth): a file mounted on the nodes, or a variable of the node's own
+    # environment (`ray start` inherits it). Never runtime_env.env_vars: see the module doc.
+    api_key_file: str | None = None
+    api_key_env: str | None = None
     default_max_tokens: int = Field(256, ge=1)  # when a request gives none (capped by context)
     max_tokens_limit: int = Field(4096, ge=1)  # larger requests get 400
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
+    # Prompt characters checked before tokenizing (400 context_length_exceeded above it);
+    # None: 32 per token of the model's context (no real text is that dense).
+    max_prompt_chars: int | None = Field(None, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)  # the whole body must arrive within it (else 408)
+    request_timeout_s: float = Field(600.0, gt=0)  # a request running longer is ended (504)
+    max_queued_requests: int = Field(64, ge=0)  # see DeploymentConfig.max_ongoing_requests
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @model_validator(mode="after")
+    def _api_key_source(self) -> ServeConfig:
+        if self.api_key_file and self.api_key_env:
+            raise ValueError("set api_key_file or api_key_env, not both")
+        env_vars = (self.deployment.ray_actor_options.runtime_env or {}).get("env_vars") or {}
+        if self.api_key_env and self.api_key_env in env_vars:
+            raise ValueError(
+                f"deployment.ray_actor_options.runtime_env.env_vars sets {self.api_key_env} "
+                "(api_key_env): Ray writes runtime_env to its logs, `serve config` and the "
+                "dashboard API in plain text. Put the key in a file on the nodes and set "
+                "api_key_file, or export it in the nodes' environment before `ray start`")
+        return self
 
     @model_validator(mode="after")
     def _placement(self) -> ServeConfig:
@@ -155,6 +187,11 @@ class ServeConfig(StrictModel):
         if self.backend == "eyas" and spec is not None and spec.overlap_scheduler:
             raise ValueError("speculative.overlap_scheduler is an SGLang option; the eyas "
                              "engine has no overlap scheduler: remove it or use backend sglang")
+        if self.backend == "sglang" and spec is not None and (
+                spec.ngram_tokens or spec.max_speculative_batch is not None):
+            raise ValueError("speculative.ngram_tokens and max_speculative_batch are eyas engine "
+                             "options (an n-gram branch verified with the EAGLE-3 tree; plain "
+                             "decoding above a batch size); SGLang's EAGLE3 has neither: remove them")
         return self
 
     @property

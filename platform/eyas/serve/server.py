@@ -5,16 +5,25 @@ own chat template, ``eyas.data.chat.generation_prompt_ids``), checks it against 
 the limits, runs it on the backend, and answers a JSON object or an SSE stream. Every input
 problem is an ``APIError`` (400/401/404/413) with an OpenAI-style body; a closed or cancelled
 response aborts the request in the engine (``GenerationStream.aclose``).
+
+The event loop never does long work: prompt length is bounded in characters before tokenizing,
+and tokenizing (and the chat template) runs on a worker thread. ``Admission`` bounds the
+generation requests of a replica (running + waiting; the rest get 503 with ``Retry-After``), and
+every generation ends after ``request_timeout_s``. Server faults answer a fixed message naming
+the request id; their details go to the replica's log only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -56,16 +65,77 @@ def load_serving_tokenizer(cfg: ServeConfig) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def read_api_key(env_name: str | None) -> str | None:
-    """The API key from ``env_name`` (None: auth off); a named but empty variable is an error."""
-    if env_name is None:
+def read_api_key(cfg: ServeConfig) -> str | None:
+    """The API key from ``cfg.api_key_file`` or the node's ``cfg.api_key_env`` (None: auth off).
+
+    A named but missing or empty source is an error. Never pass the key through
+    ``runtime_env.env_vars``: Ray writes runtime_env to its logs and dashboard in plain text.
+    """
+    if cfg.api_key_file is not None:
+        path = Path(cfg.api_key_file).expanduser()
+        try:
+            key = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"api_key_file={cfg.api_key_file!r} cannot be read on this node "
+                             f"({exc.strerror}): mount the key file at that path on every node "
+                             "that runs a replica, or remove api_key_file") from None
+        if not key:
+            raise ValueError(f"api_key_file={cfg.api_key_file!r} is empty: write the key into it")
+        return key
+    if cfg.api_key_env is None:
         return None
-    key = os.environ.get(env_name, "")
+    key = os.environ.get(cfg.api_key_env, "")
     if not key:
-        raise ValueError(f"api_key_env={env_name!r} but that variable is not set in the replica's "
-                         "environment: set it on the nodes or in "
-                         "deployment.ray_actor_options.runtime_env.env_vars, or remove api_key_env")
+        raise ValueError(f"api_key_env={cfg.api_key_env!r} but that variable is not set in the "
+                         "replica's environment: export it on every node before `ray start` "
+                         "(not in runtime_env, which Ray logs in plain text), or use "
+                         "api_key_file, or remove api_key_env")
     return key
+
+
+class Admission:
+    """Generation requests of one replica: ``limit`` run at once, ``queue`` more wait in arrival
+    order, the rest are refused with 503 and ``Retry-After`` (so a flood cannot pile up
+    unbounded work). Not thread-safe: used from the replica's event loop only."""
+
+    RETRY_AFTER_S = 1
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self.limit, self.queue = limit, queue
+        self.active = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self._waiters)
+
+    async def acquire(self) -> None:
+        if self.active < self.limit and not self.waiting:
+            self.active += 1
+            return
+        if self.waiting >= self.queue:
+            raise APIError(503, f"this replica is at capacity ({self.active} requests running, "
+                           f"{self.waiting} waiting); retry shortly", "server_error",
+                           code="overloaded", headers={"Retry-After": str(self.RETRY_AFTER_S)})
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands its place over: ``active`` stays as it is
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the place arrived as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.active -= 1
 
 
 def make_usage(chunk: GenerationChunk) -> Usage:
@@ -77,6 +147,23 @@ def make_usage(chunk: GenerationChunk) -> Usage:
                  spec=SpecUsage(verify_steps=spec.verify_steps,
                                 accepted_tokens=spec.accepted_tokens,
                                 acceptance_length=spec.acceptance_length) if spec else None)
+
+
+async def within(stream: GenerationStream, deadline: float) -> AsyncIterator[GenerationChunk]:
+    """The stream's chunks; TimeoutError once the event loop's clock passes ``deadline``.
+
+    Each wait is bounded on its own (no timeout scope stays open across a ``yield``, where its
+    cancellation could land in the consumer instead)."""
+    loop = asyncio.get_running_loop()
+    it = stream.__aiter__()
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        try:
+            yield await asyncio.wait_for(it.__anext__(), remaining)
+        except StopAsyncIteration:
+            return
 
 
 class _Tracker:
@@ -109,11 +196,12 @@ class OpenAIServer:
                  tokenizer: Any | None = None) -> None:
         self.cfg = cfg
         self.model = cfg.model_name
-        self._api_key = read_api_key(cfg.api_key_env)
+        self._api_key = read_api_key(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_serving_tokenizer(cfg)
         self.backend = backend if backend is not None else make_backend(cfg, self.tokenizer)
         self.stats = ServeStats(self.model)
         self.created = int(time.time())
+        self.admission = Admission(cfg.deployment.max_ongoing_requests, cfg.max_queued_requests)
 
     # ------------------------------------------------------------------ simple endpoints
 
@@ -154,7 +242,9 @@ class OpenAIServer:
         arrival = time.monotonic()
         req = parse_request(ChatCompletionRequest, body, self.cfg.max_request_bytes)
         self.check_model(req.model)
-        prompt_ids = self._chat_prompt(req)
+        messages = req.template_messages()
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
+        prompt_ids = await asyncio.to_thread(self._chat_prompt, messages)
         return await self._run(req, prompt_ids, chat=True, arrival=arrival)
 
     async def completions(self, body: bytes) -> Response:
@@ -162,28 +252,41 @@ class OpenAIServer:
         arrival = time.monotonic()
         req = parse_request(CompletionRequest, body, self.cfg.max_request_bytes)
         self.check_model(req.model)
-        prompt_ids = self._text_prompt(req)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt), "prompt")
+            prompt_ids = await asyncio.to_thread(self._tokenize, prompt)
+        else:
+            prompt_ids = self._check_ids(prompt, "prompt")
         return await self._run(req, prompt_ids, chat=False, arrival=arrival)
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _check_chars(self, chars: int, param: str) -> None:
+        """400 before tokenizing a prompt no context could hold (tokenizing megabytes is slow)."""
+        limit = self.cfg.max_prompt_chars or 32 * self.backend.max_context
+        if chars > limit:
+            raise APIError(400, f"the prompt has {chars} characters, more than this server "
+                           f"tokenizes ({limit}) for a context of {self.backend.max_context} "
+                           "tokens; shorten it", param=param, code="context_length_exceeded")
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         from eyas.data.chat import ChatTemplateError, generation_prompt_ids
 
         try:
-            return generation_prompt_ids(self.tokenizer, req.template_messages(), self.model)
+            return generation_prompt_ids(self.tokenizer, messages, self.model)
         except ChatTemplateError as exc:
             raise APIError(400, f"messages cannot be rendered with the model's chat template: "
                            f"{exc}", param="messages", code="invalid_messages") from None
 
-    def _text_prompt(self, req: CompletionRequest) -> list[int]:
-        prompt = req.single_prompt()
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _check_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary "
-                           f"[0, {vocab})", param="prompt", code="invalid_value")
-        return list(prompt)
+            raise APIError(400, f"{param} token ids {bad[:5]} are outside the vocabulary "
+                           f"[0, {vocab})", param=param, code="invalid_value")
+        return list(ids)
 
     def _max_tokens(self, req: Any, prompt_len: int, param: str) -> int:
         """The request's max_tokens, checked against the limit and the context window."""
@@ -191,7 +294,7 @@ class OpenAIServer:
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty; send some text", param=param)
         if prompt_len >= ctx:
-            raise APIError(413, f"the prompt has {prompt_len} tokens but the model's context is "
+            raise APIError(400, f"the prompt has {prompt_len} tokens but the model's context is "
                            f"{ctx} tokens; shorten it", param=param,
                            code="context_length_exceeded")
         room, asked = ctx - prompt_len, req.requested_max_tokens()
@@ -211,40 +314,55 @@ class OpenAIServer:
                    arrival: float) -> Response:
         param = "messages" if chat else "prompt"
         params = req.sampling_params(self._max_tokens(req, len(prompt_ids), param))
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
         rid = new_id("chatcmpl" if chat else "cmpl")
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
+        await self.admission.acquire()
         try:
             stream = await self.backend.generate(rid, prompt_ids, params)
         except ValueError as exc:
+            self.admission.release()
             raise APIError(400, f"the engine rejected the request: {exc}", param=param) from None
+        except BaseException:
+            self.admission.release()
+            raise
         if req.stream:
-            return StreamingResponse(self._sse(rid, req, stream, chat, arrival),
+            return StreamingResponse(self._sse(rid, req, stream, chat, arrival, deadline),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, final = await self._collect(rid, stream, arrival)
+        text, final = await self._collect(rid, stream, arrival, deadline)
         build = chat_response if chat else completion_response
         return JSONResponse(build(rid, self.model, text, final.finish_reason, make_usage(final)))
 
-    async def _collect(self, rid: str, stream: GenerationStream,
-                       arrival: float) -> tuple[str, GenerationChunk]:
+    async def _collect(self, rid: str, stream: GenerationStream, arrival: float,
+                       deadline: float) -> tuple[str, GenerationChunk]:
         """Run a non-streaming request to the end: (text, last chunk)."""
         tracker, parts = _Tracker(self.stats, rid, arrival), []
         try:
             async with contextlib.aclosing(stream):
-                async for chunk in stream:
+                async for chunk in within(stream, deadline):
                     tracker.chunk(chunk)
                     parts.append(chunk.text)
+        except TimeoutError:
+            tracker.reason = "timeout"
+            raise APIError(504, f"the request ran longer than this server's limit of "
+                           f"{self.cfg.request_timeout_s:g} s; ask for fewer tokens",
+                           "server_error", code="request_timeout") from None
         except Exception as exc:  # noqa: BLE001 - any backend failure is this request's 500
             tracker.reason = "error"
-            raise APIError(500, f"generation failed: {exc}", "server_error") from None
+            log.warning("request %s failed: %s: %s", rid, type(exc).__name__, exc)
+            raise APIError(500, f"generation failed (request {rid}); the server logged the "
+                           "cause", "server_error") from None
         finally:
             tracker.done()
+            self.admission.release()
         if tracker.final is None:
             raise APIError(500, "the backend ended the request without a finish reason",
                            "server_error")
         return "".join(parts), tracker.final
 
     async def _sse(self, rid: str, req: Any, stream: GenerationStream, chat: bool,
-                   arrival: float) -> AsyncIterator[bytes]:
+                   arrival: float, deadline: float) -> AsyncIterator[bytes]:
         """The SSE body: content chunks, a finish chunk, the usage chunk, ``[DONE]``."""
         created = int(time.time())
         tracker = _Tracker(self.stats, rid, arrival)
@@ -257,7 +375,7 @@ class OpenAIServer:
             async with contextlib.aclosing(stream):
                 if chat:
                     yield chunk_of(text="", role=True)
-                async for chunk in stream:
+                async for chunk in within(stream, deadline):
                     tracker.chunk(chunk)
                     usage = make_usage(chunk) if req.continuous_usage else None
                     if chunk.text:
@@ -266,12 +384,19 @@ class OpenAIServer:
                         yield chunk_of(finish_reason=chunk.finish_reason, usage=usage)
             if req.include_usage and tracker.final is not None:
                 yield sse(usage_chunk(rid, self.model, chat, created, make_usage(tracker.final)))
+        except TimeoutError:
+            tracker.reason = "timeout"
+            yield sse(error_body(f"the request ran longer than this server's limit of "
+                                 f"{self.cfg.request_timeout_s:g} s", "server_error",
+                                 code="request_timeout"))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report it in the stream
             tracker.reason = "error"
-            log.warning("request %s failed mid-stream: %s", rid, exc)
-            yield sse(error_body(f"generation failed: {exc}", "server_error"))
+            log.warning("request %s failed mid-stream: %s: %s", rid, type(exc).__name__, exc)
+            yield sse(error_body(f"generation failed (request {rid}); the server logged the "
+                                 "cause", "server_error"))
         finally:
             tracker.done()
+            self.admission.release()
         yield SSE_DONE
 
     def shutdown(self) -> None:

@@ -5,11 +5,18 @@
 loads the target's frozen embedding + lm_head (never the whole target), builds the head with the
 run's vocab mapping, resumes from the run's last checkpoint when there is one, and then steps
 through its shard of the ``train`` dataset (``ray.train.get_dataset_shard``).
+
+Console: rank 0 prints one short line per report (``report_line``); Ray Train's own INFO line
+per report (the whole metrics dict, several KB, from every worker) is silenced
+(``quiet_ray_train_reports``). The full metrics still go to ``ray.train.report``, the run's
+manifest and the Ray metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import shutil
 import time
 from collections import deque
@@ -164,6 +171,29 @@ def publish(metrics: dict[str, float], k: int, run_name: str) -> None:
                               run=run_name, position=str(j))
 
 
+def quiet_ray_train_reports() -> None:
+    """Keep Ray Train's per-report INFO line (``Reporting training result N: TrainingReport(...)``
+    with every metric, from every worker) off the console; its warnings still show. Its logger
+    is named after the module's file path, so it is found without importing Ray's internals."""
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def report_line(metrics: dict[str, float], max_steps: int, seconds_per_step: float) -> str:
+    """One console line per report: step/total, loss, acc_0, tokens/s and the time left."""
+    eta = _duration((max_steps - metrics["step"]) * seconds_per_step)
+    return (f"[eyas.train] step {int(metrics['step'])}/{max_steps}  loss {metrics['loss']:.3f}  "
+            f"acc_0 {metrics['acc_0']:.3f}  {metrics['tokens_per_s']:.0f} tok/s  eta {eta}")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -221,6 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     k = train.ttt_length
     # Step 1: worker setup. One intra-op thread per worker: more is far slower on shared CPUs.
     entered = time.time()
+    quiet_ray_train_reports()
     torch.set_num_threads(train.torch_threads)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -254,6 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[eyas.train] worker setup {time.time() - entered:.1f}s, training steps "
               f"{state.step + 1}..{spec.max_steps}", flush=True)
     cycle_start = time.perf_counter()
+    first_step, attempt_seconds = state.step, 0.0
     while state.step < spec.max_steps:
         maybe_inject_fault(train.fault_injection_step, rank, state.step + 1)
         # Step 4: one optimizer step over grad_accum micro-batches.
@@ -273,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.tokens_total += int(totals[2])
         state.train_seconds += elapsed
+        attempt_seconds += elapsed
         step_metrics = stats_to_metrics(totals, k)
         step_metrics.update(step=state.step, epoch=state.epoch, lr=lr, grad_norm=grad_norm,
                             tokens_per_s=float(totals[2]) / max(elapsed, 1e-9),
@@ -292,6 +325,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not with_checkpoint and state.step % train.report_every:
             continue
         report, unreported = {**compact, "steps": unreported}, []
+        if rank == 0:
+            pace = attempt_seconds / max(state.step - first_step, 1)
+            print(report_line(step_metrics, spec.max_steps, pace), flush=True)
         if not with_checkpoint:
             ray.train.report(report)
             continue

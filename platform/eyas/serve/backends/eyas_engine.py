@@ -193,8 +193,10 @@ class EyasBackend:
         if cfg.speculative is not None:
             draft_dir = local_draft_dir(cfg.speculative.draft_path, "speculative.draft_path")
             knobs = cfg.speculative
-            spec = SpecConfig(draft_dir=draft_dir) if not knobs.knobs_set else SpecConfig(
-                draft_dir, knobs.num_steps, knobs.eagle_topk, knobs.num_draft_tokens)
+            tree = ((knobs.num_steps, knobs.eagle_topk, knobs.num_draft_tokens) if knobs.knobs_set
+                    else ())
+            spec = SpecConfig(draft_dir, *tree, ngram_tokens=knobs.ngram_tokens,
+                              max_speculative_batch=knobs.max_speculative_batch)
         self.tokenizer = tokenizer
         self.engine = Engine(target_model_path(cfg.model), spec=spec, device=ecfg.device,
                              dtype=getattr(torch, ecfg.dtype), max_batch_size=ecfg.max_batch_size,
@@ -233,7 +235,9 @@ class EyasBackend:
             "engine_has_unfinished": self.engine.has_unfinished(),
             "speculative": None if spec is None else {
                 "algorithm": "EAGLE3", "num_steps": spec.num_steps,
-                "eagle_topk": spec.eagle_topk, "num_draft_tokens": spec.num_draft_tokens},
+                "eagle_topk": spec.eagle_topk, "num_draft_tokens": spec.num_draft_tokens,
+                "ngram_tokens": spec.ngram_tokens,
+                "max_speculative_batch": spec.max_speculative_batch},
             "last_engine_error": self._loop.last_error,
         }
 
