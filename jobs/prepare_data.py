@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run
 
 from eyas.config import parse_job_args  # noqa: E402
 from eyas.data.config import DataJobConfig  # noqa: E402
-from eyas.data.pipeline import run_data_stage  # noqa: E402
+from eyas.data.pipeline import UnreadableInputError, run_data_stage  # noqa: E402
 from eyas.runtime import init_ray  # noqa: E402
 
 CONFIG_CLASS = DataJobConfig
@@ -25,8 +25,13 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "prepare_data
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(CONFIG_CLASS, "eyas data stage", DEFAULT_CONFIG, argv)
     init_ray(cfg.run)
-    manifest = run_data_stage(cfg)
-    print(json.dumps({k: manifest[k] for k in ("counts", "pii", "tokens", "timings", "outputs")}, indent=2))
+    try:
+        manifest = run_data_stage(cfg)
+    except UnreadableInputError as exc:  # data.fail_on_unreadable: the manifest lists the files
+        print(f"data stage failed: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    keys = ("counts", "files", "pii", "tokens", "timings", "outputs")
+    print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=2))
     return manifest
 
 

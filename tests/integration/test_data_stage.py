@@ -103,3 +103,35 @@ def test_data_stage_keep_mode_on_s3(ray_local, stories260k, tmp_path, s3_prefix)
     ok1 = next(r for r in data if r["id"] == "chat:ok1")
     assert "A dog ran." in ok1["messages_json"]
     assert storage.Artifact(f"{s3_prefix}/out").manifest()["counts"] == counts
+
+
+def test_bad_files_do_not_stop_the_run_and_are_all_listed(ray_local, stories260k, tmp_path):
+    """A directory mixing good and every kind of bad file: the run finishes, counts add up, every
+    unreadable or skipped file is named, and quarantine keeps no raw PII."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.jsonl").write_bytes(b'{"instruction": "Say hi", "input": "", "output": "hi"}\n'
+                                     b'{"prompt": "Tell me a story."}\n{"prompt": "caf\xe9"}\n'
+                                     b'{"conversations": [{"from": "robot", "value": "I am jo@example.com"}]}\n')
+    (src / "empty.json").write_bytes(b"")
+    (src / "truncated.json").write_bytes(b'[{"prompt": "a"}, {"pro')
+    (src / "binary.json").write_bytes(bytes(range(256)))
+    (src / "latin1.json").write_bytes('[{"prompt": "caf\xe9"}]'.encode("latin-1"))
+    (src / "notes.txt").write_text("not a prompt file")
+    cfg = job_config(stories260k, [str(src)], str(tmp_path / "out"), **{"data.generation.mode": "keep"})
+    manifest = run_data_stage(cfg)
+    counts = manifest["counts"]
+    assert counts["read"] == 8 == counts["kept"] + counts["quarantined"] + counts["filtered"]
+    assert counts["kept"] == 1
+    assert counts["by_reason"] == {"unreadable_file": 4, "invalid_encoding": 1, "unknown_role": 1,
+                                   "missing_reply": 1}
+    assert sorted(f["file"].rsplit("/", 1)[1] for f in manifest["files"]["unreadable"]) == [
+        "binary.json", "empty.json", "latin1.json", "truncated.json"]
+    assert [f.rsplit("/", 1)[1] for f in manifest["files"]["skipped"]] == ["notes.txt"]
+    quarantine = pq.read_table(str(tmp_path / "out" / "quarantine")).to_pylist()
+    assert len(quarantine) == 7 and "jo@example.com" not in json.dumps(quarantine)
+    assert all(r["file"] and r["reason"] for r in quarantine)
+    with pytest.raises(Exception, match="could not be read"):  # rerun, now strict: same manifest, exit non-zero
+        run_data_stage(job_config(stories260k, [str(src)], str(tmp_path / "out2"),
+                                  **{"data.generation.mode": "keep", "data.fail_on_unreadable": "true"}))
+    assert storage.Artifact(str(tmp_path / "out2")).manifest()["files"]["unreadable"]

@@ -82,6 +82,8 @@ def expected_masked_text(name: str, replies: list[str]) -> str:
     and its decoder drops the first leading space of what it decodes."""
     if name == "stories260k":
         return "".join(f" {r}{EOT[name]}" for r in replies)[1:]
+    if name == "qwen3":  # thinking on (the template default): the target writes the last block
+        replies = [*replies[:-1], QWEN3_EMPTY_THINK + replies[-1]]
     return "".join(f"{r}{EOT[name]}" for r in replies)
 
 
@@ -130,10 +132,9 @@ def check_generation_prompts(name: str, tok: Any, messages: list[dict[str, str]]
         prompt = generation_prompt_ids(tok, messages[:turn], template_name=name)
         assert out.input_ids[:len(prompt)] == prompt
         assert out.input_ids[end - 1] == tok.convert_tokens_to_ids(EOT[name])
-        between = tok.decode(out.input_ids[len(prompt):start])
-        # Qwen3 writes an empty thinking block before the last reply only: scaffolding, masked 0.
-        is_last_qwen3 = name == "qwen3" and k == len(turns) - 1
-        assert between == (QWEN3_EMPTY_THINK if is_last_qwen3 else "")
+        # The mask starts where the serving prompt ends (Qwen3's thinking block included: in
+        # thinking mode the target writes it).
+        assert start == len(prompt), (k, tok.decode(out.input_ids[len(prompt):start]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -197,9 +198,30 @@ def test_qwen3_reasoning_kept_on_last_turn_only(get_tok):
     out = tokenize_conversation(tok, msgs, template_name="qwen3")
     assert out.input_ids == list(tok.apply_chat_template(msgs, tokenize=True)["input_ids"])
     masked = tok.decode([t for t, m in zip(out.input_ids, out.loss_mask, strict=True) if m])
-    assert masked == "Hello!<|im_end|>Add them.\n</think>\n\n4.<|im_end|>"
+    assert masked == "Hello!<|im_end|><think>\nAdd them.\n</think>\n\n4.<|im_end|>"
     prompt = generation_prompt_ids(tok, msgs[:3], template_name="qwen3")
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")  # template default: thinking
+    on = tokenize_conversation(tok, msgs, template_name="qwen3", enable_thinking=True)
+    assert on == out
+
+
+def test_qwen3_mask_follows_the_serving_mode(get_tok):
+    """Thinking on: the target writes <think>\n... itself, masked 1. Off: the empty block is in
+    the generation prompt the target is given, masked 0."""
+    tok = get_tok("qwen3")
+    msgs = conversation(2)
+    masked = {}
+    for thinking in (True, False):
+        out = tokenize_conversation(tok, msgs, template_name="qwen3", enable_thinking=thinking)
+        ref = tok.apply_chat_template(msgs, tokenize=True, enable_thinking=thinking)["input_ids"]
+        assert out.input_ids == list(ref)
+        masked[thinking] = tok.decode([t for t, m in zip(out.input_ids, out.loss_mask, strict=True) if m])
+        prompt = generation_prompt_ids(tok, msgs[:3], template_name="qwen3", enable_thinking=thinking)
+        assert tok.decode(prompt).endswith(QWEN3_EMPTY_THINK if not thinking else "assistant\n")
+        runs = mask_runs(out.loss_mask)
+        assert runs[-1][0] == len(prompt)  # the mask starts right where the serving prompt ends
+    assert masked[True] == f"{REPLIES[0]}<|im_end|>{QWEN3_EMPTY_THINK}{REPLIES[1]}<|im_end|>"
+    assert masked[False] == f"{REPLIES[0]}<|im_end|>{REPLIES[1]}<|im_end|>"
 
 
 REVERSED = ("{{ bos_token }}{% for m in messages|reverse %}{{ m['role'] + ': ' + m['content'] + "

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import pytest
 
 from eyas.pii.base import build_backend, scrub_conversations
 from eyas.pii.config import PiiConfig
 from eyas.pii.evaluate import recall_per_entity
-from eyas.pii.local import LocalPiiBackend, local_info_types, shared_analyzer
+from eyas.pii.local import LocalPiiBackend, local_info_types, ner_model_name, shared_analyzer
 
 ALL_LOCAL = PiiConfig(info_types=local_info_types())
 
@@ -75,7 +74,10 @@ def test_default_config_warns_about_ner_types_and_never_logs_values(caplog):
     caplog.set_level(logging.DEBUG)  # a user running with debug logs on
     cfg = PiiConfig(policy={"US_SOCIAL_SECURITY_NUMBER": "drop"})
     backend = build_backend(cfg)
-    assert "cannot find PERSON_NAME, STREET_ADDRESS" in caplog.text
+    if ner_model_name() is None:
+        assert "cannot find PERSON_NAME" in caplog.text
+    else:  # the spaCy model (.ci/spacy.txt) covers names; addresses are patterns
+        assert "cannot find" not in caplog.text
     values = ["ada@example.org", "212-555-0198", "536-22-1234", "10.1.2.3"]
     conversations = [
         [{"role": "user", "content": f"I'm ada@example.org, my phone number is {values[1]}"},
@@ -90,12 +92,11 @@ def test_default_config_warns_about_ner_types_and_never_logs_values(caplog):
         assert value not in repr([(o.messages, o.hits, o.reason) for o in out])
 
 
-# Measured with bench/pii_recall.py at min_score 0.5 (recall/precision): credit card 1.00/1.00
-# (10 spans), e-mail 1.00/1.00 (2), IP 1.00/1.00 (2), SSN 1.00/1.00 (3), URL 1.00/1.00 (3),
-# phone 0.30/1.00 (10). Thresholds sit a little below so a one-span regression on the larger
-# types fails but harmless score drift does not.
+# Measured with bench/pii_recall.py --dataset <this file> at min_score 0.4 (recall/precision):
+# credit card, e-mail, IP, SSN, phone 1.00/1.00; PERSON_NAME 0.67/0.88 and STREET_ADDRESS
+# 0.46/1.00 with the spaCy model (the set labels fragments such as "Apt. 018" as addresses).
 RECALL_FLOOR = {"CREDIT_CARD_NUMBER": 0.9, "EMAIL_ADDRESS": 1.0, "IP_ADDRESS": 1.0,
-                "US_SOCIAL_SECURITY_NUMBER": 1.0, "URL": 1.0, "PHONE_NUMBER": 0.3}
+                "US_SOCIAL_SECURITY_NUMBER": 1.0, "URL": 1.0, "PHONE_NUMBER": 0.9}
 
 
 def test_recall_on_presidio_generated_dataset(detector, assets):
@@ -106,7 +107,7 @@ def test_recall_on_presidio_generated_dataset(detector, assets):
     for info_type, floor in RECALL_FLOOR.items():
         assert report[info_type]["recall"] >= floor, (info_type, report[info_type])
         assert report[info_type]["precision"] >= 0.9, (info_type, report[info_type])
-    # Names and addresses need NER: reported with recall 0, not hidden.
-    for info_type in ("PERSON_NAME", "STREET_ADDRESS", "LOCATION"):
-        assert report[info_type]["recall"] == 0.0 and report[info_type]["support"] > 0
-        assert math.isnan(report[info_type]["precision"])
+    # Locations are not looked for (no default info type): reported with recall 0, not hidden.
+    assert report["LOCATION"]["recall"] == 0.0 and report["LOCATION"]["support"] > 0
+    if ner_model_name() is not None:
+        assert report["PERSON_NAME"]["recall"] >= 0.5 and report["STREET_ADDRESS"]["recall"] >= 0.3

@@ -18,15 +18,15 @@ isolation. The loss mask is then derived without ``{% generation %}`` tags, per 
    (stories260k's ``' '``): the target writes those itself. 0 on everything else: BOS, system
    text, role headers, generation prompts, text after the end-of-turn token (Qwen's ``"\\n"``).
 
-Qwen3 thinking: the template writes ``<think>\\n\\n</think>\\n\\n`` before the LAST assistant reply
-and strips reasoning from earlier ones. That block is scaffolding, not reply: in non-thinking
-serving (``enable_thinking=False``) it is part of the prompt the target is given, so it is
-masked 0 and the draft is trained on what the target actually writes, the answer and
-``<|im_end|>``. A reply that carries its reasoning (``<think>\\nR\\n</think>\\n\\nA``, as a
-thinking-mode target writes it) keeps R in the last turn, and R, ``</think>`` and A are masked 1
-(only the template-written ``<think>\\n`` opener is 0); in earlier turns the template drops R, as
-it does at serving time, so only A is trained. ``generation_prompt_ids`` uses the template's
-defaults (Qwen3: thinking on), i.e. what an OpenAI-compatible server gives the target.
+Qwen3 thinking: the mask follows the serving mode, ``enable_thinking`` (``data.template.
+enable_thinking``, passed to every rendering and to regeneration; None = the template's default,
+thinking on for Qwen3). Thinking on: the serving prompt ends at ``<|im_start|>assistant\n`` and
+the target writes ``<think>\n...</think>\n\n`` itself, so everything the template puts between
+that prompt and the reply (the empty block before the last reply, or ``<think>\nR\n</think>\n\n``
+when the reply carries its reasoning R) is masked 1 with the answer and ``<|im_end|>``. Thinking
+off: the generation prompt already holds ``<think>\n\n</think>\n\n``, so that block is prompt,
+masked 0, and only the answer and ``<|im_end|>`` are trained. In earlier turns the template drops
+R, as it does at serving time, so only their answer is trained.
 
 Dates: every rendering passes ``date_string=PINNED_DATE_STRING`` (Llama 3.1's own default), so
 templates that would print today's date (Llama 3.2+/4 via ``strftime_now``) render the same
@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from eyas.data.validate import is_blank
 
 ROLES = ("system", "user", "assistant")
 # Llama 3.1's template default; pinned so renders are reproducible and prefix-consistent.
@@ -110,35 +112,42 @@ def load_tokenizer(path: str) -> Any:
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]],
-                          template_name: str = "") -> TokenizedConversation:
+                          template_name: str = "", unfinished: Collection[int] = (),
+                          enable_thinking: bool | None = None) -> TokenizedConversation:
     """Render ``messages`` with the tokenizer's chat template, tokenize once, mask the replies.
 
     messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, an optional system
     message, then user/assistant alternating, ending with an assistant reply. ``template_name``
-    (e.g. the tokenizer path) names the template in errors. See the module docstring for the
-    exact mask. Raises ChatTemplateError when the conversation cannot be rendered or aligned.
+    (e.g. the tokenizer path) names the template in errors. ``unfinished``: indices among the
+    assistant replies (0 = the first reply) of replies cut by a token limit; their end-of-turn
+    token (and the whitespace before it) is masked 0, since the target never ended them.
+    ``enable_thinking``: the serving mode, passed to the template (None: the template's default;
+    Qwen3 thinks). See the module docstring for the exact mask. Raises ChatTemplateError when the
+    conversation cannot be rendered or aligned.
     """
     name = _template_name(tokenizer, template_name)
     _check_messages(tokenizer, messages, name, last_role="assistant")
-    full_text = _render(tokenizer, messages, name, add_generation_prompt=False)
+    full_text = _render(tokenizer, messages, name, add_generation_prompt=False, thinking=enable_thinking)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    prompts = [_serving_prompt_end(tokenizer, messages, i, full_text, ids, name) for i in turns]
+    prompts = [_serving_prompt_end(tokenizer, messages, i, full_text, ids, name, enable_thinking)
+               for i in turns]
     control_ids = _control_token_ids(tokenizer)
     mask = [0] * len(ids)
     for k, turn in enumerate(turns):
         # The reply and its end-of-turn token must lie before the next turn's serving prompt ends.
         limit = prompts[k + 1].token if k + 1 < len(turns) else len(ids)
-        span = _reply_chars(tokenizer, messages, turn, full_text, name)
-        lo, hi = _reply_tokens(full_text, ids, offsets, prompts[k], span, limit, control_ids,
-                               _where(name, turn))
+        span = _reply_chars(tokenizer, messages, turn, full_text, name, enable_thinking)
+        lo, reply_hi, hi = _reply_tokens(full_text, ids, offsets, prompts[k], span, limit, control_ids,
+                                         _where(name, turn), enable_thinking)
+        hi = reply_hi if k in unfinished else hi
         mask[lo:hi] = [1] * (hi - lo)
     return TokenizedConversation(input_ids=ids, loss_mask=mask)
 
 
 def generation_prompt_ids(tokenizer: Any, messages: list[dict[str, str]],
-                          template_name: str = "") -> list[int]:
+                          template_name: str = "", enable_thinking: bool | None = None) -> list[int]:
     """Token ids the target is given to write the NEXT assistant turn after ``messages``.
 
     ``messages`` is a history ending with a user turn; the result is that history rendered with
@@ -147,11 +156,12 @@ def generation_prompt_ids(tokenizer: Any, messages: list[dict[str, str]],
     """
     name = _template_name(tokenizer, template_name)
     _check_messages(tokenizer, messages, name, last_role="user")
-    return _encode(tokenizer, _render(tokenizer, messages, name, add_generation_prompt=True))
+    return _encode(tokenizer, _render(tokenizer, messages, name, add_generation_prompt=True,
+                                      thinking=enable_thinking))
 
 
 def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]],
-                        template_name: str = "") -> int:
+                        template_name: str = "", enable_thinking: bool | None = None) -> int:
     """Tokens of the whole rendered conversation, to quarantine ones too long for the target.
 
     A conversation ending with a user turn is counted with its generation prompt, since that is
@@ -160,7 +170,7 @@ def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]],
     name = _template_name(tokenizer, template_name)
     _check_messages(tokenizer, messages, name, last_role=None)
     add_prompt = messages[-1]["role"] == "user"
-    return len(_encode(tokenizer, _render(tokenizer, messages, name, add_prompt)))
+    return len(_encode(tokenizer, _render(tokenizer, messages, name, add_prompt, thinking=enable_thinking)))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -200,7 +210,7 @@ def _check_messages(tokenizer: Any, messages: Sequence[dict[str, str]], name: st
         if msg["role"] != expected:
             raise ChatTemplateError(f"{_where(name, i)}: role {msg['role']!r} where {expected!r} "
                                     f"belongs (optional system, then user/assistant alternating)")
-        if msg["role"] == "assistant" and not msg["content"].strip():
+        if msg["role"] == "assistant" and is_blank(msg["content"]):
             raise ChatTemplateError(f"{_where(name, i)}: empty assistant reply; drop the turn")
         _check_no_control_text(tokenizer, msg["content"], name, i)
     if last_role is not None and messages[-1]["role"] != last_role:
@@ -245,14 +255,15 @@ def _where(name: str, i: int) -> str:
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], name: str,
-            add_generation_prompt: bool) -> str:
+            add_generation_prompt: bool, thinking: bool | None = None) -> str:
     """The template's text for ``messages``; template failures become ChatTemplateError."""
     from jinja2.exceptions import TemplateError
 
     try:
+        extra = {} if thinking is None else {"enable_thinking": thinking}
         return tokenizer.apply_chat_template(list(messages), tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
-                                             date_string=PINNED_DATE_STRING)
+                                             date_string=PINNED_DATE_STRING, **extra)
     except TemplateError as exc:
         roles = [m["role"] for m in messages]
         rejected = [r for r in dict.fromkeys(roles) if not _renders_alone(tokenizer, r)]
@@ -284,9 +295,15 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
-                        full_text: str, full_ids: list[int], name: str) -> _Boundary:
+                        full_text: str, full_ids: list[int], name: str,
+                        thinking: bool | None = None) -> _Boundary:
     """Where the prompt the target is given for reply ``turn`` ends in the whole conversation."""
-    text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True)
+    text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=thinking)
+    if thinking is False and not full_text.startswith(text):
+        # Qwen3 with thinking off puts the empty block in the generation prompt but not before
+        # earlier replies in the history: there the history's own rendering is what the target
+        # reads (and what feature capture runs on), so the prompt without the block is used.
+        text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=True)
     if not full_text.startswith(text):
         at = _common_prefix_len(full_text, text)
         raise ChatTemplateError(
@@ -304,13 +321,13 @@ def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, str]], turn
 
 
 def _reply_chars(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
-                 full_text: str, name: str) -> tuple[int, int]:
+                 full_text: str, name: str, thinking: bool | None = None) -> tuple[int, int]:
     """Character span ``[c0, c1)`` of reply ``turn`` as the template wrote it into ``full_text``."""
     starts, ends = [], []
     for probe in _PROBES:
         probed = list(messages)
         probed[turn] = {"role": "assistant", "content": probe}
-        text = _render(tokenizer, probed, name, add_generation_prompt=False)
+        text = _render(tokenizer, probed, name, add_generation_prompt=False, thinking=thinking)
         head = _common_prefix_len(full_text, text)
         tail = _common_suffix_len(full_text[head:], text[head:])
         starts.append(head)
@@ -320,23 +337,28 @@ def _reply_chars(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
 
 def _reply_tokens(full_text: str, ids: list[int], offsets: list[tuple[int, int]],
                   prompt: _Boundary, span: tuple[int, int], limit: int,
-                  control_ids: frozenset[int], where: str) -> tuple[int, int]:
-    """Token range ``[lo, hi)`` to mask 1: the reply's tokens through its end-of-turn token."""
+                  control_ids: frozenset[int], where: str, thinking: bool | None = None) -> tuple[int, int, int]:
+    """``(lo, reply_hi, hi)``: ``[lo, hi)`` is masked 1, the reply's tokens through its
+    end-of-turn token; ``[lo, reply_hi)`` are the reply's own tokens without what follows them."""
     c0, c1 = span
     if c1 <= c0:
         raise ChatTemplateError(f"{where}: the template writes nothing of this reply")
     if c0 < prompt.char:
         raise ChatTemplateError(f"{where}: the template writes reply text before the end of the "
                                 f"generation prompt (character {c0} < {prompt.char})")
-    # Whitespace between prompt and reply is written by the target (stories260k's ' '); any other
-    # inserted text (Qwen3's empty <think> block) is scaffolding the serving prompt carries.
-    start_char = prompt.char if not full_text[prompt.char:c0].strip() else c0
+    # What the template writes between the serving prompt and the reply is written by the target
+    # when it serves this way (stories260k's ' ', Qwen3's <think> block in thinking mode). With
+    # thinking off, Qwen3's empty block is part of the serving prompt already; any other inserted
+    # text is then scaffolding the target is given, not trained.
+    gap = full_text[prompt.char:c0]
+    start_char = c0 if thinking is False and gap.strip() else prompt.char
     lo = prompt.token
     while lo < limit and offsets[lo][1] <= start_char:
         lo += 1
     hi = lo
     while hi < limit and offsets[hi][0] < c1:
         hi += 1
+    reply_hi = hi
     # Whitespace the template puts between the reply and its end-of-turn token is the target's.
     while hi < limit and ids[hi] not in control_ids and not full_text[slice(*offsets[hi])].strip():
         hi += 1
@@ -344,7 +366,7 @@ def _reply_tokens(full_text: str, ids: list[int], offsets: list[tuple[int, int]]
         found = full_text[slice(*offsets[hi])] if hi < len(ids) else "the end of the text"
         raise ChatTemplateError(f"{where}: no end-of-turn control token right after the reply "
                                 f"(found {found!r}); the template cannot be aligned")
-    return lo, hi + 1
+    return lo, reply_hi, hi + 1
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -31,7 +31,10 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
     resume: bool = True  # keep finished replies in <run.output>.regen_cache: a rerun regenerates only what is missing
-    keep_truncated: bool = True  # keep replies cut by max_new_tokens (counted either way)
+    # A reply cut by max_new_tokens (finish reason "length") is kept with its end-of-turn token
+    # masked 0: its tokens are the target's own, but the target never ended the turn there.
+    # false: drop the conversation instead (filter reason truncated_reply). Counted either way.
+    keep_truncated: bool = True
     batch_size: int = Field(default=16, ge=1)  # prompts per call (eyas: concurrent slots)
     max_seq_len: int = Field(default=2048, ge=16)  # eyas: KV cache length per slot (prompt + reply)
     num_actors: int = Field(default=1, ge=1)
@@ -41,6 +44,14 @@ class GenerationConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tp_size: int = Field(default=1, ge=1)  # sglang tensor parallel size
     mem_fraction_static: float | None = Field(default=None, gt=0.0, lt=1.0)  # sglang
+
+
+class TemplateConfig(StrictModel):
+    """How the target's chat template is rendered, as the target is served."""
+
+    # Qwen3-style thinking: passed to the template for regeneration and for the loss mask, which
+    # trains the <think> block only when the target writes it (None: the template's default).
+    enable_thinking: bool | None = None
 
 
 class DataConfig(StrictModel):
@@ -56,11 +67,22 @@ class DataConfig(StrictModel):
         ]
     )
     max_length: int = Field(default=512, ge=8)  # tokens per conversation; longer ones are quarantined
+    max_turns: int = Field(default=256, ge=2)  # messages per conversation; more: too_many_turns
+    # characters of message text, checked before tokenizing (a 5 MB line is rejected at once);
+    # None: 32 x max_length (no tokenizer here averages more than 32 characters a token)
+    max_chars: int | None = Field(default=None, ge=1)
+    fail_on_unreadable: bool = False  # true: exit non-zero (after writing the manifest) if a file is unreadable
     pii: PiiConfig = PiiConfig()
     generation: GenerationConfig = GenerationConfig()
+    template: TemplateConfig = TemplateConfig()
     batch_size: int = Field(default=32, ge=1)  # rows per batch for validation, PII and tokenization
     pii_actors: int = Field(default=1, ge=1)
     rows_per_shard: int = Field(default=1000, ge=1)
+
+    @property
+    def char_cap(self) -> int:
+        """``max_chars``, or its default of 32 characters per token of ``max_length``."""
+        return self.max_chars if self.max_chars is not None else 32 * self.max_length
 
     @model_validator(mode="after")
     def _sources_present(self) -> DataConfig:

@@ -1,6 +1,6 @@
 """Reading prompt files and normalizing their records to one conversation schema.
 
-Every record becomes a row ``{id, source, messages_json, status, reason, detail, raw_json}``.
+Every record becomes a row ``{id, source, messages_json, status, reason, detail, raw_json, raw_sha256}``.
 ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str | None}``;
 ``content=None`` on an assistant turn marks a reply still to be generated (MT-bench and plain
 prompt datasets carry no replies). ``status`` is ``ok`` or ``quarantined``; a quarantined row
@@ -30,29 +30,52 @@ class RecordError(ValueError):
         self.code, self.detail = code, detail
 
 
+# Raw text kept in a quarantine row (and in a JSONL line that did not parse), in characters;
+# its sha256 identifies the whole record.
+RAW_JSON_CAP = 20_000
+
+
+class UnreadableFile(ValueError):
+    """A whole prompt file cannot be decoded; it is listed in the manifest as ``unreadable_file``."""
+
+
 def parse_file(data: bytes, path: str) -> list[Any]:
     """Decode one file into its records: ``.jsonl`` (one JSON per line), ``.json`` (a list, or one
-    object), ``.parquet``. A JSONL line that is not JSON becomes a ``{"__unparsable__": line}``
-    record so the caller can quarantine it with its line number."""
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    object), ``.parquet``. A JSONL line that is not JSON (or not UTF-8) becomes a
+    ``{"__unparsable__": line}`` record so the caller can quarantine it with its line number."""
+    return [record for _, record in parse_file_lines(data, path)]
 
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    text = data.decode("utf-8")
-    if suffix == ".jsonl":
-        return [_parse_line(line, i) for i, line in enumerate(text.splitlines()) if line.strip()]
-    if suffix == ".json":
-        obj = json.loads(text)
-        return obj if isinstance(obj, list) else [obj]
+
+def parse_file_lines(data: bytes, path: str) -> list[tuple[int, Any]]:
+    """``parse_file`` with each record's position: its 1-based line in a JSONL file, else its
+    1-based index. Raises ``UnreadableFile`` naming the file when it cannot be decoded at all,
+    ``RecordError("unsupported_file")`` for another extension."""
+    suffix = PurePosixPath(path).suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1))
+        if suffix == ".jsonl":
+            return [(i + 1, _parse_line(line, i)) for i, line in enumerate(data.splitlines()) if line.strip()]
+        if suffix == ".json":
+            obj = json.loads(data.decode("utf-8"))
+            return list(enumerate(obj if isinstance(obj, list) else [obj], 1))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as exc:
+        # pyarrow raises ArrowInvalid (a ValueError) or OSError on a corrupt Parquet file.
+        raise UnreadableFile(f"{path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
     raise RecordError("unsupported_file", f"{path}: expected .jsonl, .json or .parquet")
 
 
-def _parse_line(line: str, lineno: int) -> Any:
+def _parse_line(line: bytes, lineno: int) -> Any:
     try:
-        return json.loads(line)
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        text = line.decode("utf-8", errors="replace")
+        return {"__unparsable__": text[:2000], "__line__": lineno + 1, "__code__": "invalid_encoding",
+                "__error__": f"not UTF-8 ({exc.reason} at byte {exc.start})"}
     except json.JSONDecodeError as exc:
-        return {"__unparsable__": line[:2000], "__line__": lineno + 1, "__error__": str(exc)}
+        return {"__unparsable__": line.decode("utf-8")[:2000], "__line__": lineno + 1, "__error__": str(exc)}
 
 
 def check_object(record: Any) -> None:
@@ -60,7 +83,8 @@ def check_object(record: Any) -> None:
     if not isinstance(record, dict):
         raise RecordError("unknown_shape", f"record is a {type(record).__name__}, not an object")
     if "__unparsable__" in record:
-        raise RecordError("invalid_json", f"line {record['__line__']}: {record['__error__']}")
+        code = record.get("__code__", "invalid_json")
+        raise RecordError(code, f"line {record['__line__']}: {record['__error__']}")
 
 
 def detect_format(record: dict) -> str:
@@ -148,16 +172,22 @@ def record_id(source: str, record: Any, index: int) -> str:
 def normalize_record(record: Any, source: str, index: int, fmt: str = "auto") -> dict[str, Any]:
     """One raw record -> one row (``status`` ok or quarantined, never an exception)."""
     row = {"id": record_id(source, record, index), "source": source, "messages_json": "",
-           "status": "ok", "reason": "", "detail": "", "raw_json": ""}
+           "status": "ok", "reason": "", "detail": "", "raw_json": "", "raw_sha256": ""}
     try:
         check_object(record)
         shape = detect_format(record) if fmt == "auto" else fmt
         row["messages_json"] = json.dumps(CONVERTERS[shape](record), ensure_ascii=False)
     except (RecordError, KeyError) as exc:  # KeyError: a forced format's key is missing
         code, detail = (exc.code, exc.detail) if isinstance(exc, RecordError) else ("unknown_shape", repr(exc))
-        row.update(status="quarantined", reason=code, detail=detail,
-                   raw_json=json.dumps(record, ensure_ascii=False, default=str)[:20000])
+        raw = json.dumps(record, ensure_ascii=False, default=str)
+        row.update(status="quarantined", reason=code, detail=detail, raw_json=raw[:RAW_JSON_CAP],
+                   raw_sha256=sha256_text(raw))
     return row
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a text's UTF-8 bytes: identifies a quarantined record without its content."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def source_name(path: str, configured: str) -> str:

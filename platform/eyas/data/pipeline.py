@@ -4,7 +4,8 @@ Artifact layout (``run.output``)::
 
     data/*.parquet        id, source, input_ids, loss_mask, num_tokens, num_loss_tokens,
                           messages_json (the final text conversation), finish_reasons
-    quarantine/*.parquet  id, source, status, reason, detail, raw_json (every row not kept)
+    quarantine/*.parquet  id, source, file, line, status, reason, detail, raw_json, raw_sha256
+                          (every row not kept; raw_json capped and PII-scrubbed like the data)
     pii_report.json       hits per info type, conversations redacted / dropped (no values)
     manifest.json         written last: config, inputs, counts, tokens, timings, versions
 """
@@ -25,10 +26,14 @@ from eyas.data.stages import PiiScrubber, Regenerator, Templater, Validator, rea
 PROMPT_SUFFIXES = (".jsonl", ".json", ".parquet")
 DATA_COLUMNS = ["id", "source", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "messages_json",
                 "finish_reasons"]
-QUARANTINE_COLUMNS = ["id", "source", "status", "reason", "detail", "raw_json"]
+QUARANTINE_COLUMNS = ["id", "source", "file", "line", "status", "reason", "detail", "raw_json", "raw_sha256"]
 LIGHT_CPUS = 0.25  # tokenizer/regex steps: let them share cores with the generation actors
 SUMMARY_COLUMNS = ["status", "reason", "pii_hits_json", "generated_tokens", "finish_reasons", "num_tokens",
-                   "num_loss_tokens"]
+                   "num_loss_tokens", "file", "detail"]
+
+
+class UnreadableInputError(RuntimeError):
+    """Some prompt files could not be read and ``data.fail_on_unreadable`` is set."""
 
 
 def source_files(cfg: DataConfig) -> list[tuple[Any, list[str]]]:
@@ -41,6 +46,20 @@ def source_files(cfg: DataConfig) -> list[tuple[Any, list[str]]]:
         except storage.ArtifactError as exc:
             raise storage.ArtifactError(f"data.sources[{i}].path: {exc}") from None
     return out
+
+
+def skipped_files(cfg: DataConfig) -> list[str]:
+    """Files inside source directories that are not prompt files (other extensions): listed in
+    the manifest so nothing is left out silently."""
+    skipped = []
+    for i, src in enumerate(cfg.sources):
+        uri = resolve_asset(src.path, f"data.sources[{i}].path")
+        if any(ch in uri for ch in "*?[") or not storage.exists(uri):
+            continue
+        found = storage.list_files(uri)
+        if found != [uri]:
+            skipped += [f for f in found if not f.endswith(PROMPT_SUFFIXES)]
+    return skipped
 
 
 def read_sources(cfg: DataConfig) -> Any:
@@ -93,11 +112,14 @@ def summarize(ds: Any) -> dict[str, Any]:
     finish: Counter[str] = Counter()
     tokens = {"total": 0, "loss": 0, "generated": 0}
     redacted = 0
+    unreadable = []
     for batch in ds.select_columns(SUMMARY_COLUMNS).iter_batches(batch_format="pyarrow", batch_size=4096):
         for row in batch.to_pylist():
             status[row["status"]] += 1
             if row["status"] != "ok":
                 reasons[row["reason"]] += 1
+            if row["reason"] == "unreadable_file":
+                unreadable.append({"file": row["file"], "error": row["detail"]})
             row_hits = json.loads(row["pii_hits_json"])
             hits.update(row_hits)
             redacted += bool(row_hits) and row["status"] == "ok"
@@ -110,7 +132,8 @@ def summarize(ds: Any) -> dict[str, Any]:
               "filtered": status["filtered"], "by_reason": dict(sorted(reasons.items()))}
     pii = {"hits": dict(sorted(hits.items())), "conversations_redacted": redacted,
            "conversations_dropped": reasons["pii_drop"]}
-    return {"counts": counts, "pii": pii, "tokens": tokens, "finish_reasons": dict(finish)}
+    files = {"unreadable": sorted(unreadable, key=lambda f: f["file"])}
+    return {"counts": counts, "pii": pii, "tokens": tokens, "finish_reasons": dict(finish), "files": files}
 
 
 def write_outputs(ds: Any, out: storage.Artifact, rows_per_shard: int) -> dict[str, str]:
@@ -132,17 +155,37 @@ def run_data_stage(job: DataJobConfig) -> dict[str, Any]:
     digest = config_hash(job.data)
     if not out.prepare(digest, job.run.force):
         print(f"data stage: {out.uri} is complete for this config; skipping (run.force=true reruns it)")
-        return out.manifest()
+        return check_unreadable(out.manifest(), job.data)
     start = time.perf_counter()
     inputs = [f for _, files in source_files(job.data) for f in files]
     cache_uri = reply_cache_uri(job.run.output) if job.data.generation.resume else None
     ds = build_dataset(job.data, cache_uri).materialize()
     summary = summarize(ds)
+    summary["files"]["skipped"] = skipped_files(job.data)
     outputs = write_outputs(ds, out, job.data.rows_per_shard)
     outputs["pii_report"] = out.path("pii_report.json")
     storage.write_json(outputs["pii_report"], {"backend": job.data.pii.backend, **summary["pii"]})
     elapsed = time.perf_counter() - start
     summary["timings"] = {"total_s": round(elapsed, 2),
                           "generated_tokens_per_s": round(summary["tokens"]["generated"] / elapsed, 2)}
-    return out.write_manifest("data", job.data.model_dump(mode="json"), digest, inputs=inputs,
-                              outputs=outputs, **summary)
+    manifest = out.write_manifest("data", job.data.model_dump(mode="json"), digest, inputs=inputs,
+                                  outputs=outputs, **summary)
+    return check_unreadable(manifest, job.data)
+
+
+def check_unreadable(manifest: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """Name every unreadable and skipped input file; raise if ``data.fail_on_unreadable``.
+
+    The manifest is written first either way, so a failed run still records what it read."""
+    files = manifest.get("files", {})
+    for f in files.get("unreadable", []):
+        print(f"data stage: unreadable input file {f['file']}: {f['error']}")
+    if files.get("skipped"):
+        print(f"data stage: skipped {len(files['skipped'])} file(s) that are not .jsonl/.json/.parquet: "
+              + ", ".join(files["skipped"][:20]))
+    if files.get("unreadable") and cfg.fail_on_unreadable:
+        names = ", ".join(f["file"] for f in files["unreadable"])
+        raise UnreadableInputError(f"{len(files['unreadable'])} input file(s) could not be read: {names}. "
+                                   "Fix or remove them, or set data.fail_on_unreadable=false to go on "
+                                   "without them (they stay listed in the manifest).")
+    return manifest

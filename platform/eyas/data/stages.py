@@ -8,6 +8,7 @@ reason, so the stage can count and write every one of them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -16,19 +17,29 @@ import pyarrow as pa
 
 from eyas import metrics
 from eyas.data.config import DataConfig
-from eyas.data.normalize import RecordError, normalize_record, parse_file
-from eyas.data.validate import validate_messages
+from eyas.data.normalize import (
+    RAW_JSON_CAP,
+    RecordError,
+    UnreadableFile,
+    normalize_record,
+    parse_file_lines,
+    sha256_text,
+)
+from eyas.data.validate import is_blank, validate_messages
 from eyas.runtime import actor_threads, use_torch_threads
 from eyas.targets import resolve_target
 
 ROW_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("messages_json", pa.string()),
+    ("id", pa.string()), ("source", pa.string()), ("file", pa.string()), ("line", pa.int64()),
+    ("messages_json", pa.string()),
     ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("raw_json", pa.string()),
+    ("raw_sha256", pa.string()),
     ("pii_hits_json", pa.string()), ("generated_tokens", pa.int64()), ("finish_reasons", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
     ("num_tokens", pa.int32()), ("num_loss_tokens", pa.int32()),
 ])
-DEFAULTS: dict[str, Any] = {"messages_json": "", "status": "ok", "reason": "", "detail": "", "raw_json": "",
+DEFAULTS: dict[str, Any] = {"file": "", "line": 0, "messages_json": "", "status": "ok", "reason": "",
+                            "detail": "", "raw_json": "", "raw_sha256": "",
                             "pii_hits_json": "{}", "generated_tokens": 0, "finish_reasons": "",
                             "input_ids": [], "loss_mask": [], "num_tokens": 0, "num_loss_tokens": 0}
 
@@ -38,15 +49,19 @@ def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows -> a table with the fixed schema (missing columns get their defaults)."""
-    return pa.Table.from_pylist([{**DEFAULTS, **r} for r in rows], schema=ROW_SCHEMA)
+    """Rows -> a table with the fixed schema (missing or null columns get their defaults: Ray
+    fills a column some rows of a block lack with nulls)."""
+    return pa.Table.from_pylist([{**DEFAULTS, **{k: v for k, v in r.items() if v is not None}} for r in rows],
+                                schema=ROW_SCHEMA)
 
 
 def set_status(row: dict[str, Any], status: str, reason: str, detail: str) -> None:
-    """Mark a row quarantined/filtered, keeping what it held so it can be written with its reason."""
+    """Mark a row quarantined/filtered, keeping what it held (capped at ``RAW_JSON_CAP``
+    characters, with the whole text's sha256) so it can be written with its reason."""
     if not row["raw_json"]:
-        row["raw_json"] = row["messages_json"]
-    row.update(status=status, reason=reason, detail=detail)
+        row["raw_json"] = row["messages_json"][:RAW_JSON_CAP]
+        row["raw_sha256"] = sha256_text(row["messages_json"])
+    row.update(status=status, reason=reason, detail=detail[:2000])
 
 
 def messages_of(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -60,14 +75,26 @@ def count_rows(stage: str, rows: list[dict[str, Any]]) -> None:
 
 
 def read_file_rows(item: dict[str, Any], source: str, fmt: str, limit: int | None) -> list[dict[str, Any]]:
-    """``read_binary_files`` row {bytes, path} -> normalized rows of that file (at most ``limit``)."""
+    """``read_binary_files`` row {bytes, path} -> normalized rows of that file (at most ``limit``).
+
+    A file that cannot be decoded at all (empty or truncated JSON, binary, not UTF-8, corrupt
+    Parquet) becomes ONE quarantined row with reason ``unreadable_file`` naming it, so the run
+    goes on and the manifest lists it."""
+    path = item["path"]
     try:
-        records = parse_file(item["bytes"], item["path"])
-    except (RecordError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read prompt file {item['path']} (source {source!r}): {exc}. "
-                         f"Fix the file or remove it from data.sources.") from exc
+        records = parse_file_lines(item["bytes"], path)
+    except (UnreadableFile, RecordError) as exc:
+        row = {"id": f"{source}:unreadable:{path.rsplit('/', 1)[-1]}", "source": source, "messages_json": "",
+               "status": "quarantined", "reason": "unreadable_file", "detail": str(exc)[:2000],
+               "raw_json": "", "raw_sha256": hashlib.sha256(item["bytes"]).hexdigest(), "file": path, "line": 0}
+        metrics.inc("eyas_data_rows_read_total", 1, "records read from prompt files", source=source)
+        return [row]
     records = records[:limit] if limit else records
-    rows = [normalize_record(rec, source, i, fmt) for i, rec in enumerate(records)]
+    rows = []
+    for i, (line, rec) in enumerate(records):
+        row = normalize_record(rec, source, i, fmt)
+        row.update(file=path, line=line)
+        rows.append(row)
     metrics.inc("eyas_data_rows_read_total", len(rows), "records read from prompt files", source=source)
     return rows
 
@@ -91,17 +118,18 @@ class Validator:
     errors and conversations that cannot fit ``max_length`` before any generation is spent."""
 
     def __init__(self, cfg: DataConfig):
-        from eyas.data.chat import ChatTemplateError, tokenize_conversation
+        from eyas.data.chat import ChatTemplateError, count_prompt_tokens
 
         self.cfg, self.regenerate = cfg, cfg.generation.mode == "regenerate"
         self.tokenizer, self.template_name = load_tokenizer_for(cfg)
-        self.tokenize, self.template_error = tokenize_conversation, ChatTemplateError
+        self.count, self.template_error = count_prompt_tokens, ChatTemplateError
 
     def check(self, row: dict[str, Any]) -> None:
-        messages = validate_messages(messages_of(row), self.regenerate)
+        messages = validate_messages(messages_of(row), self.regenerate, self.cfg.max_turns, self.cfg.char_cap)
         row["messages_json"] = json.dumps(messages, ensure_ascii=False)
-        try:
-            n = self.tokenize(self.tokenizer, fill_slots(messages), self.template_name).num_tokens
+        try:  # one rendering (linear in the record); the Templater aligns the mask per turn later
+            n = self.count(self.tokenizer, fill_slots(messages), self.template_name,
+                           enable_thinking=self.cfg.template.enable_thinking)
         except self.template_error as exc:
             raise RecordError("template_error", str(exc)) from exc
         if n > self.cfg.max_length:
@@ -123,7 +151,9 @@ class PiiScrubber:
     """Detect PII in every text of the batch in one backend call; redact or drop by policy.
 
     A dropped conversation is written to quarantine with its info types only: its text is
-    removed so no raw PII leaves the dataset."""
+    removed so no raw PII leaves the dataset. Rows quarantined before this step (bad input)
+    carry raw text too: their ``raw_json`` and ``detail`` go through the same policy (redacted;
+    emptied where a drop type is found), so ``quarantine/`` is no store of personal data."""
 
     def __init__(self, cfg: DataConfig):
         from eyas.pii.base import build_backend
@@ -140,8 +170,20 @@ class PiiScrubber:
             texts = [[m for m in c if m["content"] is not None] for c in convs]
             for row, conv, result in zip(live, convs, scrub_conversations(texts, self.backend, self.cfg.pii), strict=True):
                 self._apply(row, conv, result)
+        held = [r for r in rows if r["status"] == "quarantined" and (r["raw_json"] or r["detail"])]
+        if self.backend is not None and held:
+            self._scrub_quarantined(held)
         count_rows("pii", rows)
         return to_table(rows)
+
+    def _scrub_quarantined(self, rows: list[dict[str, Any]]) -> None:
+        from eyas.pii.base import scrub_conversations
+
+        texts = [[{"role": "user", "content": r["raw_json"]}, {"role": "user", "content": r["detail"]}]
+                 for r in rows]
+        for row, result in zip(rows, scrub_conversations(texts, self.backend, self.cfg.pii), strict=True):
+            raw, detail = (m["content"] for m in result.messages)
+            row.update(raw_json="" if result.dropped else raw, detail=detail)
 
     def _apply(self, row: dict[str, Any], conv: list[dict[str, Any]], result: Any) -> None:
         row["pii_hits_json"] = json.dumps(result.hits)
@@ -167,7 +209,9 @@ class Regenerator:
         self.tokenizer, _ = load_tokenizer_for(cfg)
         model_path = resolve_target(cfg.target, "data.target")
         self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)
-        self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history)
+        thinking = cfg.template.enable_thinking
+        self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history,
+                                                                enable_thinking=thinking)
         self.done = 0  # conversations this actor regenerated (its progress line)
         self.cache = ReplyCache(cache_uri, cfg.target, self.cfg)
 
@@ -199,7 +243,7 @@ class Regenerator:
         elif "length" in res.finish_reasons and not self.cfg.keep_truncated:
             set_status(row, "filtered", "truncated_reply",
                        f"a reply hit generation.max_new_tokens={self.cfg.max_new_tokens}")
-        elif any(m["role"] == "assistant" and not m["content"].strip() for m in res.messages):
+        elif any(m["role"] == "assistant" and is_blank(m["content"]) for m in res.messages):
             set_status(row, "filtered", "empty_reply", "the target produced an empty reply")
 
     @staticmethod
@@ -229,8 +273,12 @@ class Templater:
         return to_table(rows)
 
     def _tokenize(self, row: dict[str, Any]) -> None:
+        # Replies cut by max_new_tokens (kept when generation.keep_truncated): the target never
+        # ended those turns, so their end-of-turn token is not trained (masked 0).
+        cut = {k for k, reason in enumerate(row["finish_reasons"].split(",")) if reason == "length"}
         try:
-            tok = self.tokenize(self.tokenizer, messages_of(row), self.template_name)
+            tok = self.tokenize(self.tokenizer, messages_of(row), self.template_name, unfinished=cut,
+                                enable_thinking=self.cfg.template.enable_thinking)
         except self.template_error as exc:
             set_status(row, "quarantined", "template_error", str(exc))
             return

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from eyas.data.normalize import RecordError
+
+# Unicode categories that print nothing: format characters (U+200B zero-width space, U+200D,
+# U+2060, U+FEFF), separators and controls. A text made only of them is empty.
+_INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace, zero-width or other format characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
 
 
 def _check_contents(messages: list[dict[str, Any]], regenerate: bool) -> None:
@@ -16,7 +26,7 @@ def _check_contents(messages: list[dict[str, Any]], regenerate: bool) -> None:
             continue
         if not isinstance(content, str):
             raise RecordError("non_string_content", f"messages[{i}].content is a {type(content).__name__}")
-        if not content.strip() and not (regenerate and msg["role"] == "assistant"):
+        if is_blank(content) and not (regenerate and msg["role"] == "assistant"):
             raise RecordError("empty_content", f"messages[{i}] ({msg['role']}) is empty")
 
 
@@ -31,13 +41,28 @@ def _check_order(messages: list[dict[str, Any]]) -> None:
             raise RecordError("not_alternating", f"messages[{i + offset}] is {msg['role']}, expected {expected}")
 
 
-def validate_messages(messages: list[dict[str, Any]], regenerate: bool) -> list[dict[str, Any]]:
+def check_size(messages: list[dict[str, Any]], max_turns: int | None, max_chars: int | None) -> None:
+    """Quarantine huge records before any per-turn work (template rendering is per turn)."""
+    if max_turns is not None and len(messages) > max_turns:
+        raise RecordError("too_many_turns", f"{len(messages)} messages > data.max_turns={max_turns}")
+    if max_chars is not None:
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        if chars > max_chars:
+            raise RecordError("too_long", f"{chars} characters > data.max_chars={max_chars} "
+                                          "(checked before tokenizing)")
+
+
+def validate_messages(messages: list[dict[str, Any]], regenerate: bool, max_turns: int | None = None,
+                      max_chars: int | None = None) -> list[dict[str, Any]]:
     """Return the conversation ready for the next steps, or raise ``RecordError``.
+
+    Linear in the record's size: the size caps come first, then one pass over the messages.
 
     In regenerate mode every assistant reply is replaced by the target's, so a conversation that
     ends on a user turn gets an empty reply slot (``content=None``) appended; in keep mode such a
     conversation has nothing to learn from its last turn and is quarantined (``missing_reply``).
     """
+    check_size(messages, max_turns, max_chars)
     _check_order(messages)
     if messages[-1]["role"] == "user":
         if not regenerate:

