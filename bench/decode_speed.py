@@ -4,9 +4,10 @@ Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the fast
 (b) transformers prompt-lookup assisted generation, (c) the eyas engine without speculation,
 (d) the eyas engine with EAGLE-3 (chain and tree settings, with and without the n-gram lookup
 branch that is verified together with the tree, and with ``max_speculative_batch``: rounds of
-larger batches decode plainly; such rows print the share of speculative rounds). For each concurrency C, C requests of
-``--tokens`` output tokens each run together (eos ignored so every row emits the same number of
-tokens); tokens/s = C * tokens / wall and TPOT = wall / tokens. Prompt lookup only supports batch
+larger batches decode plainly; such rows print the share of speculative rounds). For each
+concurrency C, C requests of ``--tokens`` output tokens each run together (eos ignored so every
+row emits the same number of tokens), for ``--groups`` G groups of C different prompts in turn;
+tokens/s = G * C * tokens / wall and TPOT = wall / (G * tokens). Prompt lookup only supports batch
 size 1 in transformers, so its C requests run one after another.
 
 For the EAGLE-3 rows it prints what the round costs: t_1 (one plain decode step of the batch,
@@ -42,13 +43,14 @@ SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, None), "chain 5/1/6": (5, 1, 6, 0, None)
             "chain 7/1/8": (7, 1, 8, 0, None), "tree 5/4/8": (5, 4, 8, 0, None),
             "tree 6/2/8": (6, 2, 8, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, None),
             "chain 5/1/6 +ngram 4": (5, 1, 6, 4, None),
-            "chain 3/1/4 +ngram 4 B<=2": (3, 1, 4, 4, 2)}
+            "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 1)}
 Knobs = tuple[int, int, int, int, int | None]
-Row = Callable[[list[list[int]], int], dict]
+Groups = list[list[list[int]]]  # G groups of C prompts each
+Row = Callable[[Groups, int], dict]
 
 
 def chat_prompts(tokenizer, c: int) -> list[list[int]]:
-    """The first turn of the first C MT-bench questions, with the target's chat template."""
+    """The first turn of the first ``c`` MT-bench questions, with the target's chat template."""
     with open(resolve_asset(PROMPTS, "PROMPTS")) as f:
         questions = [json.loads(line)["turns"][0] for line in f if line.strip()]
     return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i]}],
@@ -62,33 +64,35 @@ def timed(fn: Callable[[], dict]) -> tuple[float, dict]:
     return time.perf_counter() - start, extra
 
 
-def hf_generate(model, prompts: list[list[int]], n: int) -> dict:
-    """(a): one left-padded batch through ``generate``."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
+def hf_generate(model, groups: Groups, n: int) -> dict:
+    """(a): each group as one left-padded batch through ``generate``."""
+    for prompts in groups:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
     return {}
 
 
-def hf_prompt_lookup(model, prompts: list[list[int]], n: int) -> dict:
+def hf_prompt_lookup(model, groups: Groups, n: int) -> dict:
     """(b): prompt-lookup assisted generation, batch size 1, requests in turn."""
     with torch.inference_mode():
-        for p in prompts:
+        for p in (p for prompts in groups for p in prompts):
             model.generate(input_ids=torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, prompt_lookup_num_tokens=10, pad_token_id=0)
     return {}
 
 
-def eyas_generate(engine, prompts: list[list[int]], n: int) -> dict:
-    """(c)/(d): the eyas engine, all requests batched together; per-round phase times."""
+def eyas_generate(engine, groups: Groups, n: int) -> dict:
+    """(c)/(d): the eyas engine, each group's requests batched together; per-round phase times."""
     from eyas.engine.sampling import SamplingParams
 
     engine.phase_seconds.clear()
     engine.phase_rounds.clear()
-    outs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    outs = [o for prompts in groups
+            for o in engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))]
     steps = sum(o.stats.verify_steps for o in outs)
     per_round = {k: engine.phase_seconds[k] / engine.phase_rounds[k] for k in engine.phase_rounds}
     rounds = engine.phase_rounds
@@ -138,6 +142,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs per cell")
+    parser.add_argument("--groups", type=int, default=4,
+                        help="each cell runs G groups of C different prompts, one group after another")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", help="the eyas engine's dtype")
     parser.add_argument("--no-prompt-lookup", action="store_true")
@@ -156,13 +162,15 @@ def main() -> None:
                       resolve_dtype(args.dtype, on_gpu=False), not args.no_prompt_lookup,
                       args.settings)
     print(f"target {args.target}, draft {args.draft}, {args.tokens} tokens/request, eyas "
-          f"{args.dtype}, {torch.get_num_threads()} torch thread(s), best of {args.repeats}")
+          f"{args.dtype}, {torch.get_num_threads()} torch thread(s), {args.groups} groups of C "
+          f"prompts per cell, best of {args.repeats}")
     for c in args.concurrency:
-        prompts = chat_prompts(tok, c)
+        prompts, g = chat_prompts(tok, c * args.groups), args.groups
+        groups = [prompts[i * c:(i + 1) * c] for i in range(g)]
         results = {}
         for name, (fn, _) in rows.items():
-            fn(prompts[:1], 8)  # warm-up
-            run = lambda fn=fn, prompts=prompts: fn(prompts, args.tokens)  # noqa: E731
+            fn([prompts[:1]], 8)  # warm-up
+            run = lambda fn=fn, groups=groups: fn(groups, args.tokens)  # noqa: E731
             results[name] = min((timed(run) for _ in range(args.repeats)), key=lambda r: r[0])
         base_name = min((n for n in results if n.startswith("(a)")), key=lambda n: results[n][0])
         base, plain = results[base_name][0], results["(c) eyas engine"]
@@ -170,7 +178,7 @@ def main() -> None:
         print(f"{'row':38s} {'tok/s':>8s} {'TPOT ms':>8s} {'x base':>7s} {'x (c)':>6s} {'tau':>5s}")
         for name, (wall, extra) in results.items():
             tau = extra.get("tau")
-            line = (f"{name:38s} {c * args.tokens / wall:8.1f} {1000 * wall / args.tokens:8.2f} "
+            line = (f"{name:38s} {c * g * args.tokens / wall:8.1f} {1000 * wall / (g * args.tokens):8.2f} "
                     f"{base / wall:7.2f} {plain[0] / wall:6.2f} {'' if tau is None else f'{tau:5.2f}'}")
             knobs = rows[name][1]
             if knobs is not None and knobs[4] is not None:
