@@ -90,10 +90,11 @@ def test_resolve_dtype() -> None:
         resolve_dtype("int8x", on_gpu=False)
 
 
-@pytest.mark.parametrize(("steps", "topk", "tokens"), [(5, 1, 6), (4, 3, 8)])
-def test_smollm2_greedy_eagle3_equals_plain(smollm2: Path, steps: int, topk: int, tokens: int) -> None:
-    """Greedy EAGLE-3 output == greedy plain output, token for token, on the real chat model
-    (an untrained head: it proposes wrong tokens too)."""
+@pytest.mark.parametrize(("steps", "topk", "tokens", "ngram"), [(5, 1, 6, 0), (4, 3, 8, 0), (3, 1, 4, 4)])
+def test_smollm2_greedy_eagle3_equals_plain(smollm2: Path, steps: int, topk: int, tokens: int,
+                                            ngram: int) -> None:
+    """Greedy EAGLE-3 output (with and without the n-gram branch) == greedy plain output, token
+    for token, on the real chat model (an untrained head: it proposes wrong tokens too)."""
     import json
 
     from eyas.draft.model import DraftConfig, Eagle3Draft
@@ -106,7 +107,7 @@ def test_smollm2_greedy_eagle3_equals_plain(smollm2: Path, steps: int, topk: int
     prompts = [chat_ids(smollm2), chat_ids(smollm2)[:-6]]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     plain = Engine(str(smollm2), max_batch_size=2, max_seq_len=256).generate(prompts, params)
-    spec = Engine(str(smollm2), SpecConfig(None, steps, topk, tokens), max_batch_size=2,
+    spec = Engine(str(smollm2), SpecConfig(None, steps, topk, tokens, ngram_tokens=ngram), max_batch_size=2,
                   max_seq_len=256, draft=draft).generate(prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
 

@@ -6,8 +6,9 @@ the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``; a 5xx neve
 exception's text (that goes to the log, with the request's reference).
 
 ``BodyGuard`` (an ASGI middleware) receives POST bodies before any route sees them: 415 unless
-the Content-Type is JSON, 413 from the Content-Length header or as soon as the bytes read pass
-``max_request_bytes`` (never the whole body in memory first), 408 when the body has not arrived
+the Content-Type is JSON, 413 from the Content-Length header (a body up to ``DRAIN_FACTOR`` x
+the limit is read and dropped first, so the client sees the answer) or as soon as the bytes
+read pass ``max_request_bytes`` (never the whole body in memory first), 408 when the body has not arrived
 within ``body_timeout_s`` (a client that sends half a body and stalls holds nothing for long).
 A client that disconnects is one INFO line, not an error with a traceback.
 """
@@ -15,6 +16,7 @@ A client that disconnects is one INFO line, not an error with a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -118,6 +120,9 @@ class _Gone(Exception):
     """The client disconnected while its body was being read."""
 
 
+DRAIN_FACTOR = 4  # a declared body up to 4x the limit is read and dropped before the 413; larger: refused at once
+
+
 class BodyGuard:
     """ASGI middleware: checks and receives POST bodies (see the module doc), then replays the
     body to the app; catches what escapes the app (a disconnect: one INFO line; anything else:
@@ -165,6 +170,8 @@ class BodyGuard:
                                f"{ctype[:100] or 'none'!r}", code="unsupported_media_type")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
+            if int(length) <= DRAIN_FACTOR * self.max_bytes:
+                await self._drain(receive)
             return self._too_large(int(length))
         chunks, size = [], 0
         try:
@@ -184,6 +191,18 @@ class BodyGuard:
             return _json_error(408, f"the request body did not arrive within "
                                f"{self.timeout_s:g} s ({size} bytes came)",
                                code="request_timeout", headers={"Connection": "close"})
+
+    async def _drain(self, receive: Receive) -> None:
+        """Read and drop a moderately oversized body, so the client (still sending) gets the 413
+        instead of a reset: closing with unread bytes makes the TCP stack discard the answer."""
+        with contextlib.suppress(TimeoutError, _Gone):
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _Gone
+                    if not message.get("more_body", False):
+                        return
 
     def _too_large(self, size: int | None) -> Response:
         what = f"of {size} bytes " if size is not None else ""
