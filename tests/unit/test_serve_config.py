@@ -132,7 +132,7 @@ def test_sglang_eagle3_engine_kwargs_and_cli_flags() -> None:
                  "--served-model-name llama-3.1-8b-instruct"):
         assert part in text
     assert "--enable-metrics" in flags and "True" not in flags
-    assert sg.spec_env(c) == {}
+    assert "disable_overlap_schedule" not in kwargs  # overlap on, as in the baseline (issue 9 item 8)
 
 
 def test_sglang_knobs_all_or_none_overlap_env_and_extra_args() -> None:
@@ -146,7 +146,7 @@ def test_sglang_knobs_all_or_none_overlap_env_and_extra_args() -> None:
     overlap = validate_config(ServeConfig, base | {"speculative": {
         "draft_path": "d", "num_steps": 3, "eagle_topk": 1, "num_draft_tokens": 4,
         "overlap_scheduler": True}})
-    assert sg.spec_env(overlap) == {"SGLANG_ENABLE_SPEC_V2": "True"}
+    assert "disable_overlap_schedule" not in sg.engine_kwargs(overlap, "m", None)  # SGLang's default: on
     plain = validate_config(ServeConfig, base | {"sglang": {"extra_args": {"chunked_prefill_size": 4096}}})
     kwargs = sg.engine_kwargs(plain, "m", None)
     assert kwargs["chunked_prefill_size"] == 4096 and "speculative_algorithm" not in kwargs
@@ -159,7 +159,7 @@ def test_sglang_sampling_and_meta_info() -> None:
     from eyas.engine.sampling import SamplingParams
 
     d = sg.sampling_dict(SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, stop=["\n"],
-                                        seed=3))
+                                        seed=3), seeded=True)
     assert d == {"max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": -1,
                  "ignore_eos": False, "skip_special_tokens": True, "stop": ["\n"],
                  "sampling_seed": 3}

@@ -20,10 +20,21 @@ class EndpointConfig(StrictModel):
     """One OpenAI-compatible server to measure."""
 
     name: str = Field(min_length=1, description="label in tables and plots, e.g. baseline, eagle3")
-    url: str = Field(description="base URL: http://host:8000 or http://host:8000/v1")
+    url: str = Field(description="base URL: http://host:8000 or http://host:8000/v1; the host "
+                     "{serve_proxy} is replaced at run time by a node that runs a Ray Serve "
+                     "proxy (the Serve controller's node, the head), as the client actors see it")
     model: str = Field(description="the `model` field sent with every request")
     api_key_env: str | None = Field(
         default=None, description="name of the environment variable holding the bearer token")
+    api_key_file: str | None = Field(
+        default=None, description="a file holding the bearer token, read by the load-test driver "
+        "(e.g. the serve app's own api_key_file, mounted on every node by cluster.yaml)")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> EndpointConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError(f"endpoint {self.name}: set api_key_env or api_key_file, not both")
+        return self
 
 
 class WorkloadConfig(StrictModel):

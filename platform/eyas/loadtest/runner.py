@@ -30,8 +30,9 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from eyas.loadtest.client import Clock, Target, build_body, make_target, new_session, send_request
@@ -39,6 +40,7 @@ from eyas.loadtest.config import EndpointConfig, LoadTestConfig
 from eyas.loadtest.metrics import RequestRecord, summarize
 from eyas.loadtest.workloads import load_prompts
 
+SERVE_PROXY = "{serve_proxy}"  # URL host placeholder: a node that runs a Serve proxy
 START_LEAD_S = 0.3  # time for a phase's plans to reach every actor before the common start
 RATE_WARMUP = 8  # default warm-up requests at an open-loop point
 
@@ -335,15 +337,95 @@ def run_phase(actors: list[Any], plans: list[ShardPlan], desc: str, progress: bo
                        warmup_failed=sum(r.warmup_failed for r in results))
 
 
-def endpoint_target(ep: EndpointConfig, chat: bool) -> Target:
-    """The endpoint's route and headers; its API key is read from ``api_key_env`` here."""
-    key = None
+def endpoint_key(ep: EndpointConfig) -> str | None:
+    """The endpoint's bearer token from ``api_key_env`` or ``api_key_file`` (None: no auth)."""
     if ep.api_key_env:
         key = os.environ.get(ep.api_key_env)
         if not key:
             raise ValueError(f"endpoint {ep.name}: environment variable {ep.api_key_env} "
                              f"(api_key_env) is not set; export it or remove api_key_env")
-    return make_target(ep.url, chat, key)
+        return key
+    if ep.api_key_file:
+        try:
+            key = Path(ep.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"endpoint {ep.name}: api_key_file={ep.api_key_file!r} cannot be "
+                             f"read here ({exc})") from None
+        if not key:
+            raise ValueError(f"endpoint {ep.name}: api_key_file={ep.api_key_file!r} is empty")
+        return key
+    return None
+
+
+def endpoint_target(ep: EndpointConfig, chat: bool, proxy_host: Callable[[], str] | None = None
+                    ) -> Target:
+    """The endpoint's route and headers (its API key read here, ``{serve_proxy}`` resolved)."""
+    return make_target(resolve_url(ep.url, proxy_host or serve_proxy_host), chat,
+                       endpoint_key(ep))
+
+
+def resolve_url(url: str, proxy_host: Callable[[], str]) -> str:
+    """``url`` with the ``{serve_proxy}`` host replaced by ``proxy_host()`` (called only then)."""
+    return url.replace(SERVE_PROXY, proxy_host()) if SERVE_PROXY in url else url
+
+
+def serve_proxy_host() -> str:
+    """The IP of a node that runs a Serve HTTP proxy, as every node can reach it.
+
+    Ray Serve 2.60 runs proxies only on the controller's node and on nodes with replicas
+    (``ray/serve/_private/controller.py`` ``_update_proxy_nodes``), so ``127.0.0.1`` from a
+    client actor on a CPU node reaches nothing. The controller's node always has one: look it
+    up through the state API; fall back to this driver's node (a ``ray job submit`` driver runs
+    on the head, where the controller runs)."""
+    import ray
+
+    return _controller_node_ip() or ray.util.get_node_ip_address()
+
+
+def _controller_node_ip() -> str | None:
+    """The IP of the live Serve controller's node (None: no Serve yet, no state API)."""
+    import ray
+
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("class_name", "=", "ServeController"),
+                                      ("state", "=", "ALIVE")])
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:
+        return None
+    return next((ips[a.node_id] for a in actors if a.node_id in ips), None)
+
+
+def capacity_warnings(cfg: LoadTestConfig, infos: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Warnings for endpoints whose ``/v1/server_info`` shows a running-request cap below the
+    largest concurrency (SGLang caps speculative engines at 48 unless max_running_requests is
+    set): such a comparison measures the cap, not the engine."""
+    top = max(cfg.concurrencies, default=0)
+    out = []
+    for name, info in infos.items():
+        backend = (info or {}).get("backend_info") or {}
+        cap = backend.get("max_running_requests")
+        if isinstance(cap, int) and cap < top:
+            out.append(f"endpoint {name}: the server runs at most {cap} requests at once per "
+                       f"replica (max_running_requests) but the sweep goes to concurrency {top}; "
+                       "set the same sglang.max_running_requests >= that in every app")
+    return out
+
+
+def server_info(target: Target, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """``GET /v1/server_info`` next to the target's completions route (None when unavailable)."""
+    import json
+    import urllib.request
+
+    base = target.url.rsplit("/v1/", 1)[0]
+    headers = {k: v for k, v in target.headers.items() if k == "Authorization"}
+    try:
+        req = urllib.request.Request(base + "/v1/server_info", headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except Exception:  # another server kind, auth, network: no warning then
+        return None
 
 
 def start_actors(cfg: LoadTestConfig) -> list[Any]:
@@ -354,13 +436,17 @@ def start_actors(cfg: LoadTestConfig) -> list[Any]:
     actors = [actor_cls.remote() for _ in range(cfg.num_client_actors)]
     prompts = load_prompts(cfg.workload, cfg.seed)
     calls = []
+    infos = {}
     for ep in cfg.endpoints:
         target = endpoint_target(ep, cfg.workload.chat)
+        infos[ep.name] = server_info(target)
         bodies = [build_body(p, ep.model, cfg.request_max_tokens, cfg.temperature, cfg.ignore_eos,
                              cfg.continuous_usage_stats, cfg.extra_body) for p in prompts]
         bodies_ref = ray.put(bodies)
         calls += [a.set_endpoint.remote(ep.name, target, bodies_ref) for a in actors]
     ray.get(calls)
+    for warning in capacity_warnings(cfg, infos):
+        print(f"[eyas.loadtest] WARNING: {warning}", file=sys.stderr, flush=True)
     return actors
 
 
