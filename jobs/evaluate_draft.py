@@ -13,10 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from eyas.config import parse_job_args  # noqa: E402
-from eyas.evaluate.config import EvaluateJobConfig  # noqa: E402
-from eyas.evaluate.runner import run_evaluation  # noqa: E402
-from eyas.runtime import init_ray  # noqa: E402
+try:
+    from eyas.config import parse_job_args  # noqa: E402
+    from eyas.evaluate.config import EvaluateJobConfig  # noqa: E402
+    from eyas.evaluate.runner import run_evaluation  # noqa: E402
+    from eyas.runtime import cli, init_ray, job_summary, output_uri  # noqa: E402
+except ModuleNotFoundError as exc:  # e.g. `ray start` run without the venv active
+    raise SystemExit(f"error: {exc.name} is not installed for {sys.executable}: run the job with the "
+                     "project's venv (and `ray start` with it active: README, Running jobs)") from None
 
 CONFIG_CLASS = EvaluateJobConfig
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "evaluate_draft.yaml")
@@ -24,11 +28,12 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "evaluate_dra
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(CONFIG_CLASS, "eyas offline acceptance", DEFAULT_CONFIG, argv)
+    output = output_uri(cfg.run)  # checked before Ray starts
     init_ray(cfg.run)
     manifest = run_evaluation(cfg)
-    print(json.dumps({k: manifest.get(k) for k in ("counts", "tau", "ttt_acc", "outputs")}, indent=2))
+    print(json.dumps(job_summary(manifest, ("counts", "tau", "ttt_acc", "outputs"), output), indent=2))
     return manifest
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

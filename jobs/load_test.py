@@ -13,8 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from eyas.config import parse_job_args  # noqa: E402
-from eyas.loadtest.job import JobOutcome, LoadTestJobConfig, run_job  # noqa: E402
+try:
+    from eyas import storage  # noqa: E402
+    from eyas.config import parse_job_args  # noqa: E402
+    from eyas.loadtest.job import JobOutcome, LoadTestJobConfig, run_job  # noqa: E402
+    from eyas.runtime import cli, output_uri  # noqa: E402
+except ModuleNotFoundError as exc:  # e.g. `ray start` run without the venv active
+    raise SystemExit(f"error: {exc.name} is not installed for {sys.executable}: run the job with the "
+                     "project's venv (and `ray start` with it active: README, Running jobs)") from None
 
 CONFIG_CLASS = LoadTestJobConfig
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "load_test.yaml")
@@ -22,8 +28,14 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "load_test.ya
 
 def main(argv: list[str] | None = None) -> JobOutcome:
     cfg = parse_job_args(CONFIG_CLASS, "eyas load test", DEFAULT_CONFIG, argv)
-    return run_job(cfg)
+    output = output_uri(cfg.run)  # checked before any request is sent
+    outcome = run_job(cfg)
+    print(f"\nartifact: {output}")
+    for name, uri in outcome.files.items():
+        if storage.is_relative_local(uri):
+            print(f"  {name}: {storage.absolute_uri(uri)}")
+    return outcome
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -13,10 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from eyas.config import parse_job_args  # noqa: E402
-from eyas.data.config import DataJobConfig  # noqa: E402
-from eyas.data.pipeline import UnreadableInputError, run_data_stage  # noqa: E402
-from eyas.runtime import init_ray  # noqa: E402
+try:
+    from eyas.config import parse_job_args  # noqa: E402
+    from eyas.data.config import DataJobConfig  # noqa: E402
+    from eyas.data.pipeline import UnreadableInputError, run_data_stage  # noqa: E402
+    from eyas.runtime import cli, init_ray, job_summary, output_uri  # noqa: E402
+except ModuleNotFoundError as exc:  # e.g. `ray start` run without the venv active
+    raise SystemExit(f"error: {exc.name} is not installed for {sys.executable}: run the job with the "
+                     "project's venv (and `ray start` with it active: README, Running jobs)") from None
 
 CONFIG_CLASS = DataJobConfig
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "prepare_data.yaml")
@@ -24,6 +28,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "prepare_data
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(CONFIG_CLASS, "eyas data stage", DEFAULT_CONFIG, argv)
+    output = output_uri(cfg.run)  # before Ray starts: a relative path in Ray's package copy is refused
     init_ray(cfg.run)
     try:
         manifest = run_data_stage(cfg)
@@ -31,9 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"data stage failed: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     keys = ("counts", "files", "pii", "tokens", "timings", "outputs")
-    print(json.dumps({k: manifest[k] for k in keys if k in manifest}, indent=2))
+    print(json.dumps(job_summary(manifest, keys, output), indent=2))
     return manifest
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -20,10 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # run from a checkout
 
-from eyas.config import parse_job_args  # noqa: E402
-from eyas.runtime import init_ray  # noqa: E402
-from eyas.train.config import TrainJobConfig  # noqa: E402
-from eyas.train.trainer import run_training  # noqa: E402
+try:
+    from eyas.config import parse_job_args  # noqa: E402
+    from eyas.runtime import cli, init_ray, job_summary, output_uri  # noqa: E402
+    from eyas.train.config import TrainJobConfig  # noqa: E402
+    from eyas.train.trainer import run_training  # noqa: E402
+except ModuleNotFoundError as exc:  # e.g. `ray start` run without the venv active
+    raise SystemExit(f"error: {exc.name} is not installed for {sys.executable}: run the job with the "
+                     "project's venv (and `ray start` with it active: README, Running jobs)") from None
 
 CONFIG_CLASS = TrainJobConfig
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_draft.yaml")
@@ -31,12 +35,13 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "train_draft.
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(CONFIG_CLASS, "eyas training stage", DEFAULT_CONFIG, argv)
+    output = output_uri(cfg.run)  # checked before Ray starts
     init_ray(cfg.run)
     manifest = run_training(cfg)
     keys = ("steps", "final", "tokens_per_s", "vocab", "resumed_at", "outputs", "timings")
-    print(json.dumps({k: manifest.get(k) for k in keys}, indent=2))
+    print(json.dumps(job_summary(manifest, keys, output), indent=2))
     return manifest
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -36,7 +36,9 @@ class RunConfig(StrictModel):
 
     ray_address: str | None = None  # None: a running cluster if there is one, else a local Ray
     num_cpus: int | None = None  # only for a local Ray started by the job
-    output: str  # the stage's artifact URI (local path, s3://, gs://)
+    # the stage's artifact URI (local path, s3://, gs://); a relative path is relative to
+    # $EYAS_HOME, else the current directory (refused inside Ray's working_dir copy: eyas.storage)
+    output: str
     force: bool = False  # rerun even when a finished artifact with the same config exists
 
 

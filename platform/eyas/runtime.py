@@ -1,12 +1,87 @@
-"""Starting or joining Ray for a job."""
+"""Starting or joining Ray for a job, and what every job's command line shares: the output
+check before Ray starts, the summary with absolute URIs, and one-line errors."""
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from eyas.config import RunConfig
+from eyas.config import ConfigError, RunConfig
+
+USER_ERRORS = (ConfigError,)  # + storage.ArtifactError (imported lazily: pyarrow)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message of a configuration or artifact error behind ``exc`` (also when a Ray task or
+    actor raised it: Ray wraps it with its remote traceback), else None (a bug: keep the trace)."""
+    from eyas.storage import ArtifactError
+
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        if isinstance(cause, BaseException):
+            todo.insert(0, cause)
+            continue
+        if isinstance(err, (*USER_ERRORS, ArtifactError)):
+            return str(err)
+        todo += [err.__cause__, err.__context__]
+    return None
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Run a job's ``main``; a configuration or artifact error ends it with ``error: <message>``
+    on stderr and exit status 2, without a traceback (bugs keep theirs)."""
+    try:
+        main()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        msg = user_error(exc)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def output_uri(run: RunConfig) -> str:
+    """``run.output`` as an absolute URI, checked BEFORE Ray starts: a relative path inside Ray's
+    temporary working_dir copy without ``EYAS_HOME`` is refused (``eyas.storage.check_output``)."""
+    from eyas.storage import check_output
+
+    uri = check_output(run.output, "run.output")
+    print(f"# output: {uri}", flush=True)
+    return uri
+
+
+def absolute_outputs(value: Any) -> Any:
+    """Every relative local path in a manifest's ``outputs`` made absolute (for the summary)."""
+    from eyas import storage
+
+    if isinstance(value, dict):
+        return {k: absolute_outputs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [absolute_outputs(v) for v in value]
+    if isinstance(value, str) and storage.is_relative_local(value):
+        return storage.absolute_uri(value)
+    return value
+
+
+def job_summary(manifest: dict[str, Any], keys: tuple[str, ...], artifact: str) -> dict[str, Any]:
+    """What a job prints at the end: ``keys`` of its manifest, ``outputs`` as absolute URIs, and
+    ``artifact``, the absolute URI of the whole artifact."""
+    out = {k: manifest.get(k) for k in keys if k in manifest}
+    if "outputs" in out:
+        out["outputs"] = absolute_outputs(out["outputs"])
+    return {"artifact": artifact, **out}
 
 
 def init_ray(run: RunConfig) -> None:

@@ -5,6 +5,13 @@ without a manifest is unfinished and readers refuse it. ``s3://`` uses ``AWS_END
 (path-style addressing, for S3-compatible servers), ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``/``AWS_DEFAULT_REGION``; ``gs://`` uses pyarrow's
 GCS filesystem with the usual Google credentials.
+
+Relative local paths are relative to the eyas home: ``$EYAS_HOME`` when set (an absolute
+directory, normally the checkout a job was submitted from), else the current directory. Under
+``ray job submit --working-dir`` the current directory is Ray's temporary copy of the working
+dir (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), which disappears with the Ray
+session or the next edit: a job refuses a relative ``run.output`` there unless ``EYAS_HOME`` is
+set (``check_output``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"
+HOME_ENV = "EYAS_HOME"
+RAY_PACKAGE_PREFIX = "_ray_pkg_"  # Ray's unpacked working_dir / py_modules packages
 
 
 COPY_CHUNK = 8 << 20  # bytes per streamed chunk in ``copy``
@@ -49,8 +58,61 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def ray_package_dir(cwd: str | None = None) -> str | None:
+    """The Ray working_dir package folder ``cwd`` (default: the current directory) lies in, or
+    None: under ``ray job submit --working-dir`` a job runs in such a temporary copy."""
+    path = os.path.abspath(cwd or os.getcwd())
+    parts = path.split(os.sep)
+    for i, part in enumerate(parts):
+        if part.startswith(RAY_PACKAGE_PREFIX):
+            return os.sep.join(parts[: i + 1])
+    return None
+
+
+def local_root() -> str:
+    """The directory relative local paths are resolved against: ``$EYAS_HOME``, else the cwd."""
+    home = os.environ.get(HOME_ENV)
+    if not home:
+        return os.getcwd()
+    path = os.path.expanduser(home)
+    if not os.path.isabs(path):
+        raise ArtifactError(f"{HOME_ENV}={home!r} must be an absolute path (the checkout the job was submitted from)")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{HOME_ENV}={home!r} is not a directory on this node: pass the checkout's absolute "
+                            "path on a local cluster, or use s3:// / gs:// outputs on a remote one")
+    return path
+
+
+def is_relative_local(uri: str) -> bool:
+    """A local path that is neither absolute nor ``~``-rooted (it depends on the eyas home)."""
+    scheme = urlparse(uri).scheme
+    if scheme not in ("", "file"):
+        return False
+    path = uri[len("file://"):] if scheme == "file" else uri
+    return not os.path.isabs(os.path.expanduser(path))
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (as ``resolve`` would); remote URIs unchanged."""
+    return uri if is_remote(uri) else resolve(uri)[1]
+
+
+def check_output(uri: str, key: str = "run.output") -> str:
+    """Refuse a relative local output inside Ray's temporary working_dir copy without
+    ``EYAS_HOME`` (it would vanish with the package); return the output's absolute URI."""
+    package = ray_package_dir()
+    if is_relative_local(uri) and package and not os.environ.get(HOME_ENV):
+        raise ArtifactError(
+            f"{key}={uri!r} is relative and this job runs in Ray's temporary copy of its working_dir "
+            f"({package}), deleted with the Ray session: submit with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"{HOME_ENV}\": \"/abs/path/of/checkout\"}}}}' (README: Running jobs) "
+            f"or set {key} to an absolute path or an s3:// / gs:// URI")
+    return absolute_uri(uri)
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Map a URI to ``(filesystem, path inside it)``. Local paths become absolute."""
+    """Map a URI to ``(filesystem, path inside it)``. Local paths become absolute, relative
+    ones against ``local_root()`` (``$EYAS_HOME`` or the current directory)."""
     scheme = urlparse(uri).scheme
     if scheme == "s3":
         return s3_filesystem(), uri[len("s3://"):].rstrip("/")
@@ -58,7 +120,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.GcsFileSystem(), uri.split("://", 1)[1].rstrip("/")
     if scheme in ("", "file"):
         path = uri[len("file://"):] if scheme == "file" else uri
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):
+            path = os.path.join(local_root(), path)
+        return pafs.LocalFileSystem(), os.path.normpath(path)
     raise ArtifactError(f"unsupported storage URI {uri!r}: use a local path, s3:// or gs://")
 
 
