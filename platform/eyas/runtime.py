@@ -90,6 +90,7 @@ def init_ray(run: RunConfig) -> None:
     package shipped with the job unless it is installed on the nodes."""
     import ray
 
+    quiet_ray_data_progress()
     if ray.is_initialized():
         return
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
@@ -101,6 +102,17 @@ def init_ray(run: RunConfig) -> None:
     # file that local clients (and the dashboard) must carry; turn it off unless asked for.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
+
+
+def quiet_ray_data_progress() -> None:
+    """Off a terminal (``ray job logs``, CI, a file) Ray Data logs every operator's progress every
+    few seconds: about 2,000 lines in a default pipeline run. The stages print their own line
+    per batch, so Ray Data's progress is turned off there; on a terminal its bars stay."""
+    if sys.stdout.isatty():
+        return
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
 
 
 def actor_threads(torch_threads: int | None, num_cpus: float) -> int:

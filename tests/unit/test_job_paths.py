@@ -174,3 +174,18 @@ def test_job_refuses_relative_output_in_ray_package_before_ray_starts(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: run.output='artifacts/train' is relative"), proc.stderr
     assert not (pkg / "artifacts").exists()
+
+
+def test_ray_data_progress_is_off_when_stdout_is_not_a_terminal(monkeypatch) -> None:
+    from ray.data import DataContext
+
+    from eyas.runtime import quiet_ray_data_progress
+
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    quiet_ray_data_progress()
+    assert ctx.enable_progress_bars is True
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    quiet_ray_data_progress()
+    assert ctx.enable_progress_bars is False
