@@ -114,7 +114,7 @@ def config_hash(cfg: BaseModel) -> str:
 
 
 def to_yaml(cfg: BaseModel) -> str:
-    """The resolved config as YAML, as printed at job start."""
+    """The resolved config as YAML (``--show-config``)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
@@ -123,12 +123,20 @@ def job_argparser(description: str, default_config: str | None) -> argparse.Argu
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.pii.policy=redact")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the whole resolved config at start (it is always stored in "
+                             "each stage's manifest)")
     return parser
 
 
 def parse_job_args(cls: type[M], description: str, default_config: str | None, argv: list[str] | None = None) -> M:
-    """Parse a job's command line into a validated config; print the resolved config."""
+    """Parse a job's command line into a validated config; print one line naming it (the whole
+    resolved config with ``--show-config``)."""
     args = job_argparser(description, default_config).parse_args(argv)
     cfg = load_config(cls, args.config, args.overrides)
-    print(f"# resolved config ({args.config}, hash {config_hash(cfg)})\n{to_yaml(cfg)}", flush=True)
+    overrides = f", overrides: {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"# config {args.config} (hash {config_hash(cfg)}{overrides}); the resolved config is in "
+          "each stage's manifest (--show-config prints it)", flush=True)
+    if args.show_config:
+        print(to_yaml(cfg), flush=True)
     return cfg

@@ -80,3 +80,14 @@ def test_actor_threads_round_cpus_up_unless_set():
 
     assert actor_threads(None, 0.25) == 1 and actor_threads(None, 1.5) == 2
     assert actor_threads(None, 2) == 2 and actor_threads(3, 0.5) == 3
+
+
+def test_job_start_prints_one_line_unless_asked_for_the_whole_config(capsys) -> None:
+    from eyas.config import parse_job_args
+    from eyas.train.config import TrainJobConfig
+
+    parse_job_args(TrainJobConfig, "t", None, ["train.lr=0.002"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "overrides: train.lr=0.002" in out[0] and "hash" in out[0]
+    parse_job_args(TrainJobConfig, "t", None, ["--show-config", "train.lr=0.002"])
+    assert "lr: 0.002" in capsys.readouterr().out
