@@ -93,15 +93,18 @@ def serve_apps(cfg: PipelineConfig) -> dict[str, ServeConfig]:
 
 
 def start_serve(cfg: PipelineConfig) -> list[str]:
-    """Run both apps on a local Serve instance at /baseline and /eagle3; return their names."""
+    """Run both apps on a local Serve instance at /baseline and /eagle3; return their names.
+    No per-request access log lines: the load test records every request itself."""
     from ray import serve
 
     from eyas.serve.app import build_app
 
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    quiet = {"enable_access_log": False}
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=quiet)
     names = []
     for name, app in serve_apps(cfg).items():
-        serve.run(build_app(app.model_dump(mode="json")), name=f"pipeline-{name}", route_prefix=f"/{name}")
+        serve.run(build_app(app.model_dump(mode="json")), name=f"pipeline-{name}", route_prefix=f"/{name}",
+                  logging_config=quiet)
         names.append(f"pipeline-{name}")
     return names
 
