@@ -49,13 +49,17 @@ Groups = list[list[list[int]]]  # G groups of C prompts each
 Row = Callable[[Groups, int], dict]
 
 
-def chat_prompts(tokenizer, c: int) -> list[list[int]]:
-    """The first turn of the first ``c`` MT-bench questions, with the target's chat template."""
+def questions(n: int) -> list[str]:
+    """The first turn of the first ``n`` MT-bench questions."""
     with open(resolve_asset(PROMPTS, "PROMPTS")) as f:
-        questions = [json.loads(line)["turns"][0] for line in f if line.strip()]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": questions[i]}],
+        return [json.loads(line)["turns"][0] for line in f if line.strip()][:n]
+
+
+def chat_prompts(tokenizer, c: int) -> list[list[int]]:
+    """``questions(c)`` with the target's chat template, as token ids."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                           add_generation_prompt=True, return_dict=True)["input_ids"]
-            for i in range(c)]
+            for q in questions(c)]
 
 
 def timed(fn: Callable[[], dict]) -> tuple[float, dict]:

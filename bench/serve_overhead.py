@@ -17,7 +17,6 @@ uses ``--threads``. Ray runs with ``--num-cpus`` CPUs. Run it on a quiet machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,16 +27,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from decode_speed import chat_prompts  # noqa: E402
-from eyas.assets import resolve_asset  # noqa: E402
+from decode_speed import chat_prompts, questions  # noqa: E402
 from eyas.targets import resolve_target  # noqa: E402
-
-PROMPTS = "assets:datasets/prompts/mt_bench_question.jsonl"
-
-
-def questions(n: int) -> list[str]:
-    with open(resolve_asset(PROMPTS, "PROMPTS")) as f:
-        return [json.loads(line)["turns"][0] for line in f if line.strip()][:n]
 
 
 def in_process_tpot(model_dir: str, draft: str | None, prompts: list[list[int]], tokens: int,
