@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from schedule_server import stop_process
+
 DEFAULTS: dict[str, Any] = {"served_model_name": "stories260k", "default_max_tokens": 8,
                             "max_tokens_limit": 64, "engine": {"max_batch_size": 4}}
 
@@ -74,11 +76,7 @@ class EyasHTTPServer:
         return self.proc.poll() is None
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def main() -> None:
