@@ -214,6 +214,11 @@ def test_classify_errors() -> None:
     assert client.classify(aiohttp.ServerDisconnectedError()) == "connection"
     assert client.classify(aiohttp.ClientPayloadError("cut")) == "connection"
     assert client.classify(client.ProtocolError("x")) == "protocol"
+    # a connection lost mid-stream, after the 200, is a lost replica; before any answer it is not
+    assert client.failure_kind(aiohttp.ClientPayloadError("cut"), 200) == "replica_lost"
+    assert client.failure_kind(aiohttp.ServerDisconnectedError(), 200) == "replica_lost"
+    assert client.failure_kind(aiohttp.ServerDisconnectedError(), None) == "connection"
+    assert client.failure_kind(client.ProtocolError("x"), 200) == "protocol"
     assert client.classify(client.StreamError("x")) == "server_error"
 
 

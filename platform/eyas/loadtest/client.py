@@ -13,7 +13,8 @@ these found in the last chunk that has them is recorded:
 level of the chunk, and in the chunk's ``meta_info`` / ``spec`` / ``speculative`` objects.
 
 Error kinds: ``replica_lost`` (a 5xx whose body is not JSON: Ray Serve's proxy answers so when the
-replica serving the request died or none is up, while the app itself answers JSON errors),
+replica serving the request died or none is up, while the app itself answers JSON errors; or a
+stream cut after its 200: the server went away mid-answer),
 ``http_<status>`` (any other non-200 answer), ``timeout`` (``request_timeout_s`` passed),
 ``connection`` (refused, reset, or closed before the stream finished), ``protocol`` (malformed
 SSE/JSON, or a stream without a usage chunk: the server ignores
@@ -213,6 +214,13 @@ def classify(exc: BaseException) -> str:
     return "protocol"  # ProtocolError, malformed HTTP (ClientResponseError), bad encodings
 
 
+def failure_kind(exc: BaseException, http_status: int | None) -> str:
+    """``classify``, except that a connection lost after a 200 (a stream cut mid-answer: the
+    replica died while streaming) counts as ``replica_lost`` like the proxy's non-JSON 5xx."""
+    kind = classify(exc)
+    return "replica_lost" if kind == "connection" and http_status == 200 else kind
+
+
 async def send_request(session: aiohttp.ClientSession, target: Target, body: dict[str, Any],
                        rec: RequestRecord, clock: Clock, timeout_s: float) -> RequestRecord:
     """Send one streaming request and fill ``rec`` (whose ``start`` is set here); never raises
@@ -237,7 +245,7 @@ async def send_request(session: aiohttp.ClientSession, target: Target, body: dic
                                         "ignores stream_options.include_usage; use one that "
                                         "supports it")
     except (aiohttp.ClientError, TimeoutError, ProtocolError, StreamError, UnicodeError) as exc:
-        rec.error_kind = classify(exc)
+        rec.error_kind = failure_kind(exc, rec.http_status)
         rec.error = f"{type(exc).__name__}: {exc}"[:500]
     if rec.end is None or rec.error_kind is not None:
         rec.end = clock.now()
