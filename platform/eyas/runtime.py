@@ -84,6 +84,14 @@ def job_summary(manifest: dict[str, Any], keys: tuple[str, ...], artifact: str) 
     return {"artifact": artifact, **out}
 
 
+def say(line: str) -> None:
+    """Write one console line to the process's own stdout. Use it in Ray Train workers: Ray
+    Train replaces ``print`` there with one that both logs the text and, because Ray wraps
+    ``sys.stdout`` in its workers, prints it as well, so each line reached the driver twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def init_ray(run: RunConfig) -> None:
     """Join the cluster named by ``run.ray_address`` or ``$RAY_ADDRESS`` (as under ``ray job
     submit``), else start a private local instance. Workers on a remote cluster get the eyas

@@ -4,13 +4,17 @@ plots with a title, p90 whiskers, error markers and the throughput-vs-TPOT trade
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import io
 import logging
+import os
+import sys
 
 from eyas.loadtest.config import LoadTestConfig
 from eyas.loadtest.report import plot_bytes, plot_title, write_plots
 from eyas.loadtest.runner import Progress
+from eyas.runtime import say
 from eyas.train.loop import quiet_ray_train_reports, report_line
 
 # ----------------------------------------------------------------------------- training console
@@ -22,6 +26,31 @@ def test_one_short_line_per_report() -> None:
     line = report_line(metrics, 190, seconds_per_step=2.5)
     assert line == ("[eyas.train] step 40/190  loss 3.215  acc_0 0.271  412 tok/s  eta 6m15s")
     assert "\n" not in line and len(line) < 100
+
+
+def test_worker_lines_reach_the_console_once_under_ray_trains_print(capfd, monkeypatch) -> None:
+    """In a Ray Train worker ``print`` is Ray's redirected_print, ``sys.stdout`` is wrapped and
+    the root logger writes to the console: a print shows twice; ``say`` once."""
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.__stdout__)
+    wrapped = open(os.dup(sys.__stdout__.fileno()), "w", buffering=1)  # noqa: SIM115
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    monkeypatch.setattr(sys, "stdout", wrapped)
+    monkeypatch.setattr(root, "level", logging.INFO)
+    root.addHandler(handler)
+    try:
+        print("[eyas.train] printed")
+        say("[eyas.train] said")
+        sys.__stdout__.flush()
+        wrapped.flush()
+    finally:
+        root.removeHandler(handler)
+        wrapped.close()
+    out = capfd.readouterr().out.splitlines()
+    assert out.count("[eyas.train] printed") == 2  # the defect say() avoids
+    assert out.count("[eyas.train] said") == 1
 
 
 def test_ray_train_report_lines_are_silenced() -> None:

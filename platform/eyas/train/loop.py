@@ -6,7 +6,8 @@ loads the target's frozen embedding + lm_head (never the whole target), builds t
 run's vocab mapping, resumes from the run's last checkpoint when there is one, and then steps
 through its shard of the ``train`` dataset (``ray.train.get_dataset_shard``).
 
-Console: rank 0 prints one short line per report (``report_line``); Ray Train's own INFO line
+Console: rank 0 prints one short line per report (``report_line``, through ``runtime.say``: once,
+not twice as Ray Train's patched ``print`` would); Ray Train's own INFO line
 per report (the whole metrics dict, several KB, from every worker) is silenced
 (``quiet_ray_train_reports``). The full metrics still go to ``ray.train.report``, the run's
 manifest and the Ray metrics.
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from eyas import metrics as ray_metrics
 from eyas.draft.model import DraftConfig, Eagle3Draft
 from eyas.draft.ttt import ttt_forward
+from eyas.runtime import say
 from eyas.train.checkpoint import TrainState
 from eyas.train.config import TrainConfig
 from eyas.train.data import micro_batches, table_to_batch
@@ -105,7 +107,8 @@ def prepare_module(draft: Eagle3Draft, train: TrainConfig) -> nn.Module:
     import ray.train.torch
 
     strategy = "fsdp" if train.fsdp else "ddp"
-    kwargs = {} if train.fsdp else {"broadcast_buffers": False}
+    # the vocab-mapping buffers are equal on every rank: synced once at init, never per forward
+    kwargs = {} if train.fsdp else {"forward_sync_buffers": False}
     return ray.train.torch.prepare_model(TTTModule(draft), parallel_strategy=strategy,
                                          parallel_strategy_kwargs=kwargs)
 
@@ -271,8 +274,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = restore(directory, module, optimizer, scheduler)
             state.resumed_at.append(state.step)
             state.history = []  # the checkpoint's own steps are not part of this attempt
-            print(f"[eyas.train] rank {rank} resumed at step {state.step} (epoch {state.epoch}, "
-                  f"batch {state.batch_in_epoch})", flush=True)
+            say(f"[eyas.train] rank {rank} resumed at step {state.step} (epoch {state.epoch}, "
+                  f"batch {state.batch_in_epoch})")
     shard = ray.train.get_dataset_shard("train")
     stream = micro_batches(shard, train.batch_size, state.epoch, state.batch_in_epoch, train.shuffle_buffer,
                            train.seed)
@@ -282,8 +285,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     module.train()
     if rank == 0:
-        print(f"[eyas.train] worker setup {time.time() - entered:.1f}s, training steps "
-              f"{state.step + 1}..{spec.max_steps}", flush=True)
+        say(f"[eyas.train] worker setup {time.time() - entered:.1f}s, training steps "
+              f"{state.step + 1}..{spec.max_steps}")
     cycle_start = time.perf_counter()
     first_step, attempt_seconds = state.step, 0.0
     while state.step < spec.max_steps:
@@ -327,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report, unreported = {**compact, "steps": unreported}, []
         if rank == 0:
             pace = attempt_seconds / max(state.step - first_step, 1)
-            print(report_line(step_metrics, spec.max_steps, pace), flush=True)
+            say(report_line(step_metrics, spec.max_steps, pace))
         if not with_checkpoint:
             ray.train.report(report)
             continue

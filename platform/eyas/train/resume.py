@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from eyas.runtime import say
 from eyas.train.checkpoint import (
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -139,8 +140,8 @@ def resume_dir() -> Iterator[str | None]:
         where = run_storage()
         stored = stored_checkpoints(*where) if where else []
         if stored and stored[0][0] > best_step:
-            print(f"[eyas.train] resuming from {stored[0][1]} (step {stored[0][0]}), newer than the "
-                  f"checkpoint Ray Train reported (step {best_step})", flush=True)
+            say(f"[eyas.train] resuming from {stored[0][1]} (step {stored[0][0]}), newer than the "
+                  f"checkpoint Ray Train reported (step {best_step})")
             best = copy_to_local(where[0], stored[0][1], stack.enter_context(tempfile.TemporaryDirectory()))
         yield best
 
@@ -161,5 +162,5 @@ def maybe_inject_fault(fault_step: int | None, rank: int, next_step: int) -> Non
         return
     with fs.open_output_stream(marker) as out:
         out.write(f"fault injected before step {fault_step}\n".encode())
-    print(f"[eyas.train] fault injection: worker rank 0 exits before step {fault_step}", flush=True)
+    say(f"[eyas.train] fault injection: worker rank 0 exits before step {fault_step}")
     os._exit(1)
