@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from eyas.draft.model import (
     DraftConfig,
     Eagle3Draft,
+    attend,
     aux_ids_to_hidden_states_indices,
     default_aux_layer_ids,
     hidden_states_indices_to_aux_ids,
-    rope_inv_freq,
+    validate_aux_layer_ids,
 )
 from eyas.draft.target import load_target_head
 
@@ -106,8 +107,23 @@ def test_kv_cache_incremental_equals_full_and_explicit_bias():
     bias[..., 0, 5] = float("-inf")  # the causal pattern, given explicitly
     explicit, _ = draft(emb[:, 4:], hidden[:, 4:], pos[:, 4:], bias, past)
     torch.testing.assert_close(explicit, rest, atol=ATOL, rtol=RTOL)
-    with pytest.raises(ValueError, match="attn_bias"):
+    visible = torch.ones(1, 1, 2, 6, dtype=torch.bool)
+    visible[..., 0, 5] = False  # the same pattern as a bool mask
+    as_bool, _ = draft(emb[:, 4:], hidden[:, 4:], pos[:, 4:], visible, past)
+    torch.testing.assert_close(as_bool, rest, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="attention mask covers"):
         draft(emb[:, 4:], hidden[:, 4:], pos[:, 4:], torch.zeros(1, 1, 2, 2), past)
+
+
+def test_gqa_attention_equals_expanded_kv():
+    """``attend`` (SDPA with enable_gqa) equals SDPA over K/V copied to every query head."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 6, 5, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 9, generator=g) > 0.4
+    mask[..., -5:] |= torch.eye(5, dtype=torch.bool)  # every query sees itself
+    expanded = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                              attn_mask=mask)
+    torch.testing.assert_close(attend(q, k, v, mask), expanded, atol=1e-6, rtol=0)
 
 
 def test_fuse_and_vocab_helpers():
@@ -134,10 +150,22 @@ def test_aux_layer_ids_conventions():
     assert hidden_states_indices_to_aux_ids([2, 16, 29]) == [1, 15, 28]
 
 
+def test_default_aux_layers_for_shallow_targets():
+    """The formula [1, N//2-1, N-4] from N=7 on; below it [0, (N-1)//2, N-2]; N<4 raises.
+    Every default passes the same validation as explicit ids."""
+    expected = {4: [0, 1, 2], 5: [0, 2, 3], 6: [0, 2, 4], 7: [1, 2, 3], 8: [1, 3, 4], 32: [1, 15, 28]}
+    assert {n: default_aux_layer_ids(n) for n in expected} == expected
+    for n in range(4, 130):
+        assert validate_aux_layer_ids(default_aux_layer_ids(n), n) == default_aux_layer_ids(n)
+    with pytest.raises(ValueError, match="3 layers has no 3 distinct"):
+        default_aux_layer_ids(3)
+
+
 def test_config_from_stories260k_target(stories260k):
     target = json.loads((stories260k / "config.json").read_text())
+    assert DraftConfig.from_target_config(target, 32000).aux_layer_ids == [0, 2, 3]  # N=5
     with pytest.raises(ValueError, match="distinct"):
-        DraftConfig.from_target_config(target, 32000)  # N=5 -> [1, 1, 1]
+        DraftConfig.from_target_config(target, 32000, [1, 1, 1])
     with pytest.raises(ValueError, match="out of range"):
         DraftConfig.from_target_config(target, 32000, [0, 2, 4])
     cfg = DraftConfig.from_target_config(target, 32000, [0, 2, 3])
@@ -162,20 +190,16 @@ def test_hf_config_loads_as_transformers_llama_config():
     assert loaded.rope_parameters["rope_theta"] == 500000.0
 
 
-def test_llama3_rope_matches_transformers():
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    hf_cfg = LlamaConfig(hidden_size=1024, num_attention_heads=8, head_dim=128,
-                         max_position_embeddings=131072, rope_parameters=dict(rope))
-    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
-    torch.testing.assert_close(rope_inv_freq(128, rope), theirs.float(), atol=0, rtol=1e-6)
-    plain = rope_inv_freq(8, {"rope_type": "default", "rope_theta": 10000.0})
-    torch.testing.assert_close(plain, 10000.0 ** (-torch.arange(0, 8, 2) / 8), atol=0, rtol=1e-6)
-    with pytest.raises(ValueError, match="not supported"):
-        tiny_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+def test_rope_settings_are_standardized_and_checked():
+    """Legacy rope_scaling reads like rope_parameters; yarn is accepted, length-dependent types
+    are refused (cos/sin parity with transformers is in test_rope.py)."""
+    legacy = tiny_config(rope_parameters={"type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    assert legacy.rope_parameters == {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                      "original_max_position_embeddings": 64}
+    hf = legacy.to_hf_config()
+    assert DraftConfig.from_hf_config({**hf, "rope_parameters": None}) == legacy  # rope_scaling only
+    with pytest.raises(ValueError, match="'dynamic'"):
+        tiny_config(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0})
 
 
 def test_load_target_head_tied_stories260k(stories260k):

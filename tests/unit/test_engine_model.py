@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from eyas.draft.model import default_aux_layer_ids
 from eyas.engine.kv_cache import cache_attention_mask
-from eyas.engine.model import ModelConfig, Transformer, default_aux_layer_ids
+from eyas.engine.model import ModelConfig, Transformer, read_model_config
 
 ATOL = 1e-4
 PROMPT = [1, 403, 407, 261, 378, 10, 300, 42, 99, 7, 55, 201]
@@ -123,11 +124,35 @@ def test_llama3_rope_scaling_and_shards_match_transformers(tmp_path: Path):
     check_against_hf(path, ids)
 
 
-def test_default_aux_layers():
-    assert default_aux_layer_ids(32) == [1, 15, 28]
-    assert default_aux_layer_ids(5) == [0, 2, 3]  # the formula gives [1, 1, 1] there
-    with pytest.raises(ValueError, match="aux"):
-        default_aux_layer_ids(3)
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+     "original_max_position_embeddings": 16},
+], ids=["linear", "yarn"])
+def test_scaled_rope_matches_transformers(tmp_path: Path, rope: dict):
+    """Positions past original_max_position_embeddings, where the scaling (and yarn's cos/sin
+    attention factor) matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      rope_parameters=dict(rope))
+    path = save_random(LlamaForCausalLM(cfg), tmp_path / rope["rope_type"])
+    ids = [int(i) for i in torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(2))]
+    check_against_hf(path, ids)
+
+
+def test_default_aux_layers(stories260k: Path):
+    """The engine uses the one default of eyas.draft.model (shallow stories260k: [0, 2, 3])."""
+    assert Transformer.from_pretrained(stories260k).aux_layer_ids == default_aux_layer_ids(5) == [0, 2, 3]
+
+
+def test_eos_from_generation_config(tmp_path: Path, stories260k: Path):
+    """generate's stop tokens (generation_config.json) win over config.json's eos_token_id."""
+    (tmp_path / "config.json").write_text((stories260k / "config.json").read_text())
+    assert read_model_config(tmp_path).eos_token_ids == [2]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    assert read_model_config(tmp_path).eos_token_ids == [2, 7]
 
 
 def test_unsupported_model_type_names_the_field():

@@ -1,4 +1,5 @@
-"""Training-time test: vectorized TTT against a naive one-token-at-a-time reference."""
+"""Training-time test: vectorized TTT against a naive one-token-at-a-time reference, and its
+flex_attention path against its SDPA path."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import torch.nn.functional as F
 
 from eyas.draft.model import DraftConfig, Eagle3Draft
 from eyas.draft.ttt import (
+    resolve_attention,
     shift_left,
     target_distribution,
-    ttt_attention_bias,
+    ttt_attention_mask,
     ttt_forward,
+    ttt_mask_mod,
 )
 from eyas.draft.vocab import build_vocab_mapping
+from eyas.evaluate.acceptance import chain_drafts
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -156,16 +160,26 @@ def test_rope_offset_per_step_is_applied():
     assert abs(float(with_offset - without_offset)) > 1e-3
 
 
-def test_attention_bias_pattern():
-    inf = float("-inf")
-    bias = ttt_attention_bias(3, 0, torch.float32, "cpu")
-    assert bias.shape == (1, 1, 3, 3)
-    expected0 = torch.tensor([[0, inf, inf], [0, 0, inf], [0, 0, 0]])
-    torch.testing.assert_close(bias[0, 0], expected0)
-    bias = ttt_attention_bias(3, 2, torch.float32, "cpu")
-    assert bias.shape == (1, 1, 3, 9)
-    diag = torch.tensor([[0, inf, inf], [inf, 0, inf], [inf, inf, 0]])
-    torch.testing.assert_close(bias[0, 0], torch.cat([expected0, diag, diag], dim=1))
+def test_attention_mask_pattern():
+    """Step 0 causal, later steps diagonal; padded step-0 keys hidden except a query's own."""
+    real = torch.tensor([[True, True, True], [False, True, True]])  # row 1 left-padded
+    mask = ttt_attention_mask(real, 0, "sdpa")
+    assert mask.shape == (2, 1, 3, 3) and mask.dtype == torch.bool
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0], causal)
+    padded = causal.clone()
+    padded[1:, 0] = False  # key 0 is padding: only query 0 itself sees it
+    assert torch.equal(mask[1, 0], padded)
+    mask = ttt_attention_mask(real, 2, "sdpa")
+    assert mask.shape == (2, 1, 3, 9)
+    diag = torch.eye(3, dtype=torch.bool)
+    assert torch.equal(mask[0, 0], torch.cat([causal, diag, diag], dim=1))
+    assert torch.equal(mask[1, 0], torch.cat([padded, diag, diag], dim=1))
+    unpadded = ttt_attention_mask(torch.ones(4, 3, dtype=torch.bool), 2, "sdpa")
+    assert unpadded.shape == (1, 1, 3, 9)  # one mask broadcast over the rows
+    assert torch.equal(unpadded[0, 0], mask[0, 0])
+    with pytest.raises(ValueError, match="attention backend 'dense'"):
+        ttt_attention_mask(real, 0, "dense")
 
 
 def test_shift_alignment_of_tokens_and_targets():
@@ -281,3 +295,95 @@ def test_left_padding_matches_unpadded_sample():
     assert [int(c) for c in left.step_counts] == [int(c) for c in plain.step_counts]
     for a, b in zip(left.step_losses, plain.step_losses, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+# ----------------------------------------------------------------------------- flex attention
+# The flex_attention path (the GPU path) against the SDPA path (the CPU reference). torch runs
+# flex eagerly on the CPU, forward only, so the CPU tests compare losses, accuracies and counts
+# under no_grad; gradient parity needs CUDA (compiled flex) and is marked gpu. Both sides are
+# float32 with different summation orders, held to the naive-reference tolerances above.
+
+FLEX_STEPS = 4
+EAGER_FLEX = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def padded_batch(config, device: str = "cpu") -> dict:
+    """make_batch's right padding plus a left-padded row."""
+    batch = make_batch(config, b=3, t=9)
+    batch["attention_mask"][0, :2] = 0
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_with(draft, batch, attention: str):
+    return ttt_forward(draft, batch["embed_weight"], batch["lm_head_weight"], batch["aux"],
+                       batch["final_hidden"], batch["input_ids"], batch["loss_mask"],
+                       batch["attention_mask"], ttt_length=FLEX_STEPS, attention=attention)
+
+
+def assert_same_outputs(flex, sdpa) -> None:
+    assert [int(c) for c in flex.step_counts] == [int(c) for c in sdpa.step_counts]
+    assert all(int(c) > 0 for c in sdpa.step_counts)
+    for a, b in zip(flex.step_losses + flex.step_acc, sdpa.step_losses + sdpa.step_acc, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(flex.loss, sdpa.loss, atol=ATOL, rtol=RTOL)
+
+
+@EAGER_FLEX
+def test_block_mask_and_dense_mask_are_the_same_pattern():
+    """flex's own dense evaluation (vmap) of the mask_mod equals the SDPA path's mask, and the
+    BlockMask keeps only the visible 128x128 blocks: with n query blocks and 4 steps, the
+    n(n+1)/2 causal blocks of step 0 plus n diagonal blocks per later step."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, :2] = False
+    real[1, 7:] = False
+    for step in range(3):
+        dense = create_mask(ttt_mask_mod(real), 2, 1, 9, 9 * (step + 1), device="cpu")
+        assert torch.equal(ttt_attention_mask(real, step, "sdpa"), dense)
+    n = 4
+    big = ttt_mask_mod(torch.ones(1, 128 * n, dtype=torch.bool))
+    block = create_block_mask(big, 1, None, 128 * n, 128 * n * 4, device="cpu")
+    assert int(block.to_dense().sum()) == n * (n + 1) // 2 + 3 * n  # of 4 * n * n blocks
+
+
+@EAGER_FLEX
+def test_flex_ttt_forward_matches_sdpa_on_cpu():
+    config = tiny_config()
+    draft, batch = make_draft(config), padded_batch(config)
+    with torch.no_grad():
+        assert_same_outputs(run_with(draft, batch, "flex"), run_with(draft, batch, "sdpa"))
+
+
+@EAGER_FLEX
+def test_flex_chain_drafts_match_sdpa_on_cpu():
+    config = tiny_config()
+    draft, batch = make_draft(config), padded_batch(config)
+    args = (draft, batch["embed_weight"], batch["aux"], batch["input_ids"], batch["attention_mask"], 3)
+    assert torch.equal(chain_drafts(*args, attention="flex"), chain_drafts(*args, attention="sdpa"))
+
+
+def test_backend_selection():
+    assert resolve_attention("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attention("auto", torch.device("cuda", 0)) == "flex"
+    assert resolve_attention("flex", torch.device("cpu")) == "flex"
+    with pytest.raises(ValueError, match="attention='xformers'"):
+        resolve_attention("xformers", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_flex_ttt_loss_and_gradients_match_sdpa_on_cuda():
+    """Compiled flex (what training runs on GPUs) against SDPA, float32, loss and gradients."""
+    config = tiny_config()
+    draft = make_draft(config).cuda()
+    batch = padded_batch(config, "cuda")
+    results = {}
+    for attention in ("flex", "sdpa"):
+        draft.zero_grad()
+        out = run_with(draft, batch, attention)
+        out.loss.backward()
+        results[attention] = (out, grads(draft))
+    assert_same_outputs(results["flex"][0], results["sdpa"][0])
+    for name, g in results["sdpa"][1].items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(results["flex"][1][name], g, atol=ATOL, rtol=RTOL, msg=name)
+

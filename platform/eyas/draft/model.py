@@ -13,17 +13,22 @@ SGLang's "input of layer k" numbering is the same ``i + 1``. The config.json fie
 
 from __future__ import annotations
 
+import functools
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eyas.draft.vocab import check_vocab_mapping
+from eyas.rope import RotaryEmbedding, apply_rope, rope_parameters
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 DTYPES: dict[str, torch.dtype] = {
@@ -31,7 +36,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 NUM_AUX_LAYERS = 3
 
 
@@ -47,10 +51,19 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def default_aux_layer_ids(num_layers: int) -> list[int]:
     """EAGLE-3's default capture layers as 0-based layer OUTPUT indices: [1, N//2-1, N-4].
 
-    For shallow targets (N < 8) the values collide or go negative; callers then pass explicit
-    ids (validated by ``validate_aux_layer_ids``).
+    Below N = 7 that formula repeats or skips layers (N=5 gives [1, 1, 1]); there the three are
+    spread as ``[0, (N-1)//2, N-2]`` (N=5 gives [0, 2, 3]), keeping the formula's rule that the
+    last layer is never captured. N < 4 has no three such layers and raises ``ValueError``.
+    Every stage records the ids it used (features manifest, draft config.json), so servers
+    never fall back to their own default.
     """
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if ids == sorted(set(ids)) and ids[0] >= 0:
+        return ids
+    if num_layers < NUM_AUX_LAYERS + 1:
+        raise ValueError(f"a target with {num_layers} layers has no {NUM_AUX_LAYERS} distinct "
+                         "layers before its last to capture; pass aux_layer_ids explicitly")
+    return [0, (num_layers - 1) // 2, num_layers - 2]
 
 
 def aux_ids_to_hidden_states_indices(aux_layer_ids: list[int]) -> list[int]:
@@ -75,7 +88,7 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
     ids = [int(i) for i in aux_layer_ids]
     hint = (f"pass {NUM_AUX_LAYERS} distinct ascending layer-output indices in "
             f"[0, {num_layers - 2}] (low, mid, high), e.g. "
-            f"[0, {max(num_layers // 2, 1)}, {num_layers - 2}] for shallow targets")
+            f"[0, {(num_layers - 1) // 2}, {num_layers - 2}] for shallow targets")
     if len(ids) != NUM_AUX_LAYERS:
         raise ValueError(f"aux_layer_ids={ids}: need exactly {NUM_AUX_LAYERS} layers; {hint}")
     if len(set(ids)) != len(ids) or ids != sorted(ids):
@@ -84,25 +97,6 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
     if ids[0] < 0 or ids[-1] > num_layers - 2:
         raise ValueError(f"aux_layer_ids={ids} out of range for a {num_layers}-layer target; {hint}")
     return ids
-
-
-def normalize_rope(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Rope settings of a config dict (``rope_parameters``, or legacy ``rope_theta`` +
-    ``rope_scaling``) as one flat dict with ``rope_type`` and ``rope_theta``."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"rope settings {params!r} are not a dict; give rope_parameters as "
-                         '{"rope_type": ..., "rope_theta": ...}')
-    out = {k: v for k, v in params.items() if k != "type"}
-    out["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    out["rope_theta"] = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if out["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type={out['rope_type']!r} is not supported by the draft head "
-                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)}); per-layer or yarn/"
-                         "dynamic rope targets need an extension of eyas.draft.model")
-    if float(out.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported by the draft head")
-    return out
 
 
 def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
@@ -121,7 +115,7 @@ class DraftConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_parameters: dict[str, Any]  # flat: rope_type, rope_theta, scaling fields
+    rope_parameters: dict[str, Any]  # flat and standardized: see eyas.rope.rope_parameters
     max_position_embeddings: int
     vocab_size: int  # target vocabulary
     draft_vocab_size: int
@@ -130,7 +124,9 @@ class DraftConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        self.rope_parameters = normalize_rope({"rope_parameters": dict(self.rope_parameters)})
+        self.rope_parameters = rope_parameters({
+            "rope_parameters": self.rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings})
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
@@ -167,7 +163,7 @@ class DraftConfig:
             num_key_value_heads=int(tc.get("num_key_value_heads") or heads),
             head_dim=int(tc.get("head_dim") or hidden // heads),
             rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
-            rope_parameters=normalize_rope(tc),
+            rope_parameters=rope_parameters(tc),
             max_position_embeddings=int(_require(tc, "max_position_embeddings", where)),
             vocab_size=int(_require(tc, "vocab_size", where)),
             draft_vocab_size=min(int(draft_vocab_size), int(tc["vocab_size"])),
@@ -231,7 +227,7 @@ class DraftConfig:
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_parameters=normalize_rope(cfg),
+            rope_parameters=rope_parameters(cfg),
             max_position_embeddings=int(_require(cfg, "max_position_embeddings", where)),
             vocab_size=vocab,
             draft_vocab_size=int(cfg.get("draft_vocab_size") or vocab),
@@ -265,59 +261,44 @@ def expected_tensor_shapes(config: DraftConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-# ----------------------------------------------------------------------------- rope
+# ----------------------------------------------------------------------------- attention
 
 
-def rope_inv_freq(head_dim: int, rope: dict[str, Any]) -> Tensor:
-    """Inverse frequencies (head_dim // 2,) float32 for a normalized rope dict."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (rope["rope_theta"] ** exponents)  # (hd/2,)
-    kind = rope["rope_type"]
-    if kind == "linear":
-        return inv_freq / float(rope["factor"])
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, rope)
-    return inv_freq
-
-
-def _llama3_inv_freq(inv_freq: Tensor, rope: dict[str, Any]) -> Tensor:
-    """Llama 3.1 scaling: long wavelengths divided by ``factor``, short kept, a smooth blend
-    in between (wavelength thresholds ``original_max_position_embeddings / {low,high}_freq_factor``)."""
-    factor = float(rope["factor"])
-    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-    old_len = float(rope["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    out = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
-    return torch.where(wavelen < old_len / high, inv_freq, out)
-
-
-def rope_cos_sin(position_ids: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """position_ids (B, T) int64 -> cos, sin each (B, T, head_dim) in ``dtype`` (math in fp32)."""
-    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """(..., hd) -> (..., hd): [x1, x2] -> [-x2, x1] (Llama's half-split rotation)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, heads, T, hd); cos/sin (B, T, hd) -> rotated x (B, heads, T, hd)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-    return x * cos + rotate_half(x) * sin
-
-
-def causal_bias(t_new: int, s_past: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(1, 1, t_new, s_past + t_new) additive mask: new token i sees keys 0 .. s_past + i."""
+def causal_mask(t_new: int, s_past: int, device: torch.device) -> Tensor:
+    """(1, 1, t_new, s_past + t_new) bool, True = visible: new token i sees keys 0 .. s_past + i."""
     q_pos = torch.arange(t_new, device=device)[:, None] + s_past  # (t_new, 1)
     k_pos = torch.arange(s_past + t_new, device=device)[None, :]  # (1, S)
-    bias = torch.zeros(t_new, s_past + t_new, dtype=dtype, device=device)
-    return bias.masked_fill(k_pos > q_pos, float("-inf"))[None, None]
+    return (k_pos <= q_pos)[None, None]
+
+
+@functools.cache
+def flex_attention_kernel(device_type: str) -> Callable[..., Tensor]:
+    """``flex_attention``, compiled on CUDA (a fused kernel that skips fully masked blocks).
+    Elsewhere it runs eagerly, forward only: the CPU parity reference of the GPU path."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
+    """Grouped-query attention without copying K/V to every query head (``enable_gqa``).
+
+    q (B, nh, T, hd); k, v (B, nkv, S, hd), the T queries being the last T keys; mask: None
+    (causal), a bool (True = visible) or additive float tensor (B or 1, 1, T, S) for SDPA, or
+    a flex ``BlockMask`` over (T, S). Returns (B, nh, T, hd).
+    """
+    t, s = q.shape[2], k.shape[2]
+    if mask is None:
+        mask = causal_mask(t, s - t, q.device)
+    got = tuple(mask.shape[-2:]) if isinstance(mask, Tensor) else tuple(mask.seq_lengths)
+    if got != (t, s):
+        raise ValueError(f"attention mask covers {got} (queries, keys); expected ({t}, {s}) "
+                         f"for {t} new tokens after {s - t}")
+    if not isinstance(mask, Tensor):
+        return flex_attention_kernel(q.device.type)(q, k, v, block_mask=mask, enable_gqa=True)
+    if mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -350,31 +331,20 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(h2, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_bias: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_bias: Tensor | BlockMask | None,
                 past_kv: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, T, 2H) -> (B, T, H) and the (k, v) cache, each (B, n_kv, S_past + T, hd)."""
+        """x (B, T, 2H); cos/sin (B, T, hd); attn_bias as in ``attend`` -> (B, T, H) and the
+        (k, v) cache, each (B, n_kv, S_past + T, hd)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): one rotation for all heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
             k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # (B, nkv, S_past + T, hd)
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)  # (B, nkv, S_past + T, hd)
-        s_past = k.shape[2] - t
-        if attn_bias is None:
-            attn_bias = causal_bias(t, s_past, q.dtype, q.device)
-        elif attn_bias.dtype == torch.bool:  # True = visible; SDPA wants one convention here
-            attn_bias = torch.zeros(attn_bias.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~attn_bias, float("-inf"))
-        if attn_bias.shape[-2:] != (t, s_past + t):
-            raise ValueError(f"attn_bias has shape {tuple(attn_bias.shape)}; expected "
-                             f"(B or 1, 1, {t}, {s_past + t}) for {t} new tokens after {s_past}")
-        rep = self.n_heads // self.n_kv
-        # Explicit GQA expansion keeps the memory-efficient SDPA kernels usable with a mask.
-        k_full = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-        v_full = v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-        y = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=attn_bias.to(q.dtype))
+        y = attend(q, k, v, attn_bias)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y), (k, v)
 
@@ -406,7 +376,7 @@ class DraftDecoderLayer(nn.Module):
         self.mlp = DraftMLP(h, config.intermediate_size)
 
     def forward(self, input_embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor,
-                attn_bias: Tensor | None, past_kv: tuple[Tensor, Tensor] | None
+                attn_bias: Tensor | BlockMask | None, past_kv: tuple[Tensor, Tensor] | None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """input_embeds, hidden (B, T, H) -> out (B, T, H), (k, v)."""
         x = torch.cat([self.input_layernorm(input_embeds), self.hidden_norm(hidden)], dim=-1)  # (B, T, 2H)
@@ -430,8 +400,8 @@ class Eagle3Draft(nn.Module):
         t2d[: config.draft_vocab_size] = True  # a consistent placeholder until a mapping is set
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", t2d)
-        self._inv_freq = rope_inv_freq(config.head_dim, config.rope_parameters)  # (hd/2,) fp32
-        self._inv_freq_cache: dict[torch.device, Tensor] = {}
+        self.rope = RotaryEmbedding(config.rope_parameters, config.head_dim,
+                                    config.max_position_embeddings)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -454,11 +424,6 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    def _rope_freqs(self, device: torch.device) -> Tensor:
-        if device not in self._inv_freq_cache:
-            self._inv_freq_cache[device] = self._inv_freq.to(device)
-        return self._inv_freq_cache[device]
-
     def fuse(self, aux: Tensor) -> Tensor:
         """aux (B, T, 3*Ht) concatenated low/mid/high target features -> (B, T, H)."""
         if aux.shape[-1] != self.fc.in_features:
@@ -467,20 +432,21 @@ class Eagle3Draft(nn.Module):
         return self.fc(aux.to(self.fc.weight.dtype))
 
     def forward(self, input_embeds: Tensor, hidden: Tensor, position_ids: Tensor,
-                attn_bias: Tensor | None = None, past_kv: tuple[Tensor, Tensor] | None = None
+                attn_bias: Tensor | BlockMask | None = None,
+                past_kv: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One draft pass.
 
         input_embeds (B, T, H): target embeddings of the input tokens; hidden (B, T, H): fused
         target features (step 0) or the previous output; position_ids (B, T) int64; attn_bias:
-        additive float mask (B or 1, 1, T, S_past + T) of 0 / -inf (a bool mask with True =
-        visible is converted), None = causal over past + new;
+        additive float (0 / -inf) or bool (True = visible) mask (B or 1, 1, T, S_past + T), or a
+        flex ``BlockMask`` of the same extent (``eyas.draft.ttt``), None = causal over past + new;
         past_kv: (k, v) each (B, n_kv, S_past, head_dim), after RoPE.
         Returns out (B, T, H) (pre-final-norm; fed back as the next hidden) and (k, v) of
         length S_past + T.
         """
         dtype = self.fc.weight.dtype
-        cos, sin = rope_cos_sin(position_ids, self._rope_freqs(position_ids.device), dtype)
+        cos, sin = self.rope.cos_sin(position_ids, dtype)  # each (B, T, hd)
         return self.midlayer(input_embeds.to(dtype), hidden.to(dtype), cos, sin, attn_bias, past_kv)
 
     def logits(self, out: Tensor) -> Tensor:

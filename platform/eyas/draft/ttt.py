@@ -13,18 +13,30 @@ Alignment (s = index of the token being predicted, t = draft position, k = step)
 
 Attention at step k (keys ordered [step 0 | step 1 | ... | step k], T each): position t sees
 step-0 keys at positions <= t plus the keys of steps 1..k at position t (the "diagonal").
-Keys of each step are appended to a KV cache, never recomputed.
+Keys of each step are appended to a KV cache, never recomputed. The pattern is ONE flex
+``mask_mod`` (``ttt_mask_mod``), consumed two ways: ``"flex"`` turns it into a block-sparse
+``BlockMask`` for ``flex_attention`` (the GPU path: no dense mask, only visible blocks computed),
+``"sdpa"`` evaluates it into a dense bool mask for ``scaled_dot_product_attention`` (the CPU
+reference). Both attend with native GQA (K/V never copied per query head).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from eyas.draft.model import Eagle3Draft
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -38,29 +50,50 @@ class TTTOutput:
     step_counts: list[Tensor]
 
 
-def ttt_attention_bias(T: int, step: int, dtype: torch.dtype, device: torch.device | str
-                       ) -> Tensor:
-    """(1, 1, T, T * (step + 1)) additive mask, 0 = visible, -inf = hidden.
+def ttt_mask_mod(real: Tensor) -> MaskMod:
+    """The TTT visibility rule as a flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = visible).
 
-    Block 0 (step-0 keys) is causal; blocks 1..step are diagonal (same position only).
+    real (B, T) bool, True = real token. Keys are ordered [step 0 | step 1 | ...], T each.
+    Query t sees the step-0 keys at real positions < t and its own position in every step (step
+    0's own key even when padded, so no row is empty; padded queries are never counted).
+    Works on scalars (flex's vmap) and on broadcastable index tensors alike.
     """
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
-    diag = torch.eye(T, dtype=torch.bool, device=device)  # (T, T)
-    visible = torch.cat([causal] + [diag] * step, dim=1)  # (T, T*(step+1))
-    bias = torch.zeros(T, T * (step + 1), dtype=dtype, device=device)
-    return bias.masked_fill(~visible, float("-inf"))[None, None]  # (1, 1, T, T*(step+1))
+    t = real.shape[1]
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        step, pos = kv_idx // t, kv_idx % t
+        return (pos == q_idx) | ((step == 0) & (pos < q_idx) & real[b, pos])
+
+    return mask_mod
 
 
-def padding_bias(attention_mask: Tensor, step: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1, T, T*(step+1)) mask hiding padded step-0 keys, except a query's own position
-    (so no row is fully masked; padded queries are never counted). attention_mask (B, T)."""
-    b, t = attention_mask.shape
-    pad_key = ~attention_mask.bool()[:, None, :]  # (B, 1, T) key is padding
-    own = torch.eye(t, dtype=torch.bool, device=attention_mask.device)[None]  # (1, T, T)
-    hidden = pad_key & ~own  # (B, T, T)
-    hidden = torch.cat([hidden, hidden.new_zeros(b, t, t * step)], dim=2)  # (B, T, T*(step+1))
-    bias = torch.zeros(hidden.shape, dtype=dtype, device=attention_mask.device)
-    return bias.masked_fill(hidden, float("-inf"))[:, None]  # (B, 1, T, T*(step+1))
+def ttt_attention_mask(real: Tensor, step: int, backend: str) -> Tensor | BlockMask:
+    """The attention mask of TTT step ``step`` for real (B, T) bool over T*(step+1) keys:
+    a dense (B, 1, T, T*(step+1)) bool tensor for ``"sdpa"``, a ``BlockMask`` for ``"flex"``;
+    batch size 1 (broadcast over the rows) when no row has padding."""
+    if bool(real.all()):
+        real = real[:1]
+    b, t = real.shape
+    mask_mod, keys = ttt_mask_mod(real), t * (step + 1)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(mask_mod, b, None, t, keys, device=real.device)
+    if backend != "sdpa":
+        raise ValueError(f"attention backend {backend!r}: use 'sdpa' or 'flex'")
+    batch = torch.arange(b, device=real.device)[:, None, None, None]  # (B, 1, 1, 1)
+    queries = torch.arange(t, device=real.device)[None, None, :, None]  # (1, 1, T, 1)
+    key_ids = torch.arange(keys, device=real.device)[None, None, None, :]  # (1, 1, 1, K)
+    return mask_mod(batch, batch.new_zeros(()), queries, key_ids)  # (B, 1, T, K)
+
+
+def resolve_attention(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"flex"`` on CUDA (flex has no CPU backward), else ``"sdpa"``; others kept."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return backend
 
 
 def shift_left(x: Tensor, n: int, fill: float | bool = 0) -> Tensor:
@@ -122,13 +155,14 @@ def _check_inputs(aux: Tensor, final_hidden: Tensor, input_ids: Tensor, loss_mas
 
 def ttt_forward(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor, aux: Tensor,
                 final_hidden: Tensor, input_ids: Tensor, loss_mask: Tensor,
-                attention_mask: Tensor | None, ttt_length: int = 7, step_decay: float = 0.8
-                ) -> TTTOutput:
+                attention_mask: Tensor | None, ttt_length: int = 7, step_decay: float = 0.8,
+                attention: str = "auto") -> TTTOutput:
     """Unrolled TTT loss (alignment in the module docstring).
 
     embed_weight, lm_head_weight (V, Ht) frozen target tensors; aux (B, T, 3Ht) and
     final_hidden (B, T, Ht) target features; input_ids, loss_mask (B, T); attention_mask
-    (B, T) with 1 = real token, or None.
+    (B, T) with 1 = real token, or None; attention: ``ATTENTION_BACKENDS`` (see
+    ``resolve_attention``).
     """
     _check_inputs(aux, final_hidden, input_ids, loss_mask, attention_mask)
     if ttt_length < 1:
@@ -136,11 +170,10 @@ def ttt_forward(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor
     b, t = input_ids.shape
     device = input_ids.device
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    padded = not bool(real.all())
+    backend = resolve_attention(attention, device)
     positions = position_ids_from_mask(attention_mask, b, t, device)  # (B, T)
     p_all, in_vocab = target_distribution(final_hidden, lm_head_weight, draft.t2d)
     counted = loss_mask.bool() & real  # (B, T) indexed by the predicted token s
-    dtype = draft.fc.weight.dtype
 
     hidden = draft.fuse(aux)  # (B, T, H)
     past: tuple[Tensor, Tensor] | None = None
@@ -148,11 +181,9 @@ def ttt_forward(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor
     for k in range(ttt_length):
         # Step 1: inputs of step k: token t+1+k, hidden from fc (k=0) or step k-1.
         embeds = F.embedding(shift_left(input_ids, k + 1), embed_weight)  # (B, T, Ht)
-        bias = ttt_attention_bias(t, k, dtype, device)  # (1, 1, T, T*(k+1))
-        if padded:
-            bias = bias + padding_bias(attention_mask, k, dtype)  # (B, 1, T, T*(k+1))
+        attn = ttt_attention_mask(real, k, backend)  # over (T, T*(k+1))
         # Step 2: one draft pass; its keys extend the cache for later steps.
-        out, past = draft(embeds, hidden, positions + k, bias, past)
+        out, past = draft(embeds, hidden, positions + k, attn, past)
         # Step 3: soft cross-entropy against the target at t+1+k, counted per predicted token t+2+k.
         mask = (real & shift_left(real, k + 1, False) & shift_left(counted, k + 2, False)
                 & shift_left(in_vocab, k + 1, False))  # (B, T)

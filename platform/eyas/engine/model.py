@@ -5,16 +5,17 @@ writes the cache slots it is told to. Besides logits it returns the EAGLE-3 auxi
 states: the OUTPUTS of the decoder layers ``aux_layer_ids`` (0-based), concatenated low/mid/high.
 
 Variants (all from ``config.json``):
-- Llama 2/3: no biases (unless ``attention_bias``/``mlp_bias``), rope ``default`` or ``llama3``.
+- Llama 2/3: no biases (unless ``attention_bias``/``mlp_bias``); rope as in ``eyas.rope``.
 - Qwen2: q/k/v projections carry a bias, o_proj does not.
 - Qwen3: per-head RMSNorm on q and k (``q_norm``/``k_norm``) before RoPE.
 Tied embeddings (``tie_word_embeddings``) share ``lm_head`` with ``embed_tokens``.
+``from_pretrained`` reads the text config with transformers' ``AutoConfig`` and the stop tokens
+with its ``GenerationConfig`` (what ``generate`` stops at).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from eyas.draft.model import default_aux_layer_ids
 from eyas.engine.kv_cache import KVCache, slot_selector
+from eyas.rope import RotaryEmbedding, apply_rope, rope_parameters
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -40,8 +43,8 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] = field(
+        default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -53,7 +56,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed ``config.json``; unsupported architectures raise ``ValueError``."""
+        """Build from a (text) config dict; unsupported architectures raise ``ValueError``.
+        ``eos_token_ids`` come from the dict's ``eos_token_id``."""
         mtype = cfg.get("model_type", "llama")
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -63,81 +67,26 @@ class ModelConfig:
         if cfg.get("use_sliding_window") or (mtype == "mistral" and cfg.get("sliding_window")):
             raise ValueError("config.json enables sliding-window attention, which the eyas engine "
                              "does not implement; disable it or serve the model with SGLang.")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rtype = rope.get("rope_type", rope.get("type", "default"))
         heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
         attn_bias = bool(cfg.get("attention_bias", False))
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
             num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=rope if rtype != "default" else None,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_parameters=rope_parameters(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=attn_bias or mtype == "qwen2", o_bias=attn_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=mtype == "qwen3",
             model_type=mtype,
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            eos_token_ids=_id_list(cfg.get("eos_token_id")),
         )
 
 
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's aux layers (outputs of ``[1, N//2-1, N-4]``); distinct fallbacks for shallow N.
-
-    For N < 8 the formula repeats a layer (N=5 gives [1, 1, 1]); there the three are spread
-    over ``[0, (N-1)//2, N-2]`` (N=5 gives [0, 2, 3]; the last layer is avoided like in the
-    formula). A draft checkpoint's ``eagle_aux_hidden_state_layer_ids`` overrides this.
-    """
-    ids = [1, num_layers // 2 - 1, num_layers - 4]
-    if len(set(ids)) == 3 and min(ids) >= 0:
-        return ids
-    if num_layers < 4:
-        raise ValueError(f"a target with {num_layers} layers has no three distinct aux layers "
-                         "before its last; pass aux_layer_ids explicitly")
-    return [0, (num_layers - 1) // 2, num_layers - 2]
-
-
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """RoPE inverse frequencies (head_dim/2,) float32, with llama3/linear scaling if configured."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = cfg.rope_scaling
-    if scaling is None:
-        return inv.float()
-    rtype = scaling.get("rope_type", scaling.get("type"))
-    if rtype == "linear":
-        return (inv / scaling["factor"]).float()
-    if rtype != "llama3":
-        raise ValueError(f"config.json rope type {rtype!r} is not supported (default, linear, "
-                         "llama3); serve this model with SGLang instead.")
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
-    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return torch.where(mid, blended, scaled).float()
-
-
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for ``positions`` (B, T) int64 -> each (B, T, head_dim) in ``dtype``."""
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, T, heads, hd) by the (B, T, hd) tables (Hugging Face rotate-half layout)."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _id_list(ids: int | list[int] | None) -> list[int]:
+    """A config's ``eos_token_id`` (one id, a list, or None) as a list."""
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +122,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, layer: int,
                 slots: Tensor, read_slots: Tensor | slice, write_pos: Tensor, mask: Tensor
                 ) -> Tensor:
-        """x (B, T, H); cos/sin (B, T, hd); ``layer`` of ``cache`` is written at slots (B,)
+        """x (B, T, H); cos/sin (B, T, 1, hd); ``layer`` of ``cache`` is written at slots (B,)
         and read at ``read_slots`` (the same slots, a slice when consecutive); write_pos
         (B, T) storage index of each new token; mask (B, T, S) bool, True = attend to slot
         position s < S. Returns (B, T, H)."""
@@ -241,7 +190,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.rope = RotaryEmbedding(cfg.rope_parameters, cfg.head_dim, cfg.max_position_embeddings)
         self.aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(cfg.num_layers))
         if any(not 0 <= i < cfg.num_layers for i in self.aux_layer_ids):
             raise ValueError(f"aux_layer_ids={self.aux_layer_ids} outside the target's "
@@ -267,7 +216,8 @@ class Transformer(nn.Module):
         aux hidden states (B, T, 3H): outputs of ``aux_layer_ids`` concatenated in order.
         """
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)  # each (B, T, hd)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd): one rotation for all heads
         aux: dict[int, Tensor] = {}
         read_slots = slot_selector(slots)
         for i, layer in enumerate(self.layers):
@@ -285,27 +235,27 @@ class Transformer(nn.Module):
                         aux_layer_ids: list[int] | None = None) -> Transformer:
         """Load a Hugging Face directory (config.json + single or sharded safetensors)."""
         directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path} not found: model_dir must be a Hugging Face "
-                                    "model directory with config.json and *.safetensors")
-        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-        cfg.eos_token_ids = cfg.eos_token_ids or _generation_eos(directory)
         with torch.device("meta"):
-            model = cls(cfg, aux_layer_ids)
+            model = cls(read_model_config(directory), aux_layer_ids)
         state = load_safetensors_dir(directory)
         _load_state(model, state, directory)
-        model.inv_freq = rope_inv_freq(cfg)
         return model.to(device=device, dtype=dtype).eval()
 
 
-def _generation_eos(directory: Path) -> list[int]:
-    """eos ids from generation_config.json when config.json has none."""
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+def read_model_config(directory: Path) -> ModelConfig:
+    """The ``ModelConfig`` of a Hugging Face directory: its text config as transformers reads
+    it, with the eos ids of its generation config (the config's own when it has none)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: model_dir must be a "
+                                "Hugging Face model directory with config.json and *.safetensors")
+    text = AutoConfig.from_pretrained(directory).get_text_config()
+    cfg = ModelConfig.from_dict(text.to_dict())
+    if (directory / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(directory)
+        cfg.eos_token_ids = _id_list(generation.eos_token_id) or cfg.eos_token_ids
+    return cfg
 
 
 def load_safetensors_dir(directory: Path) -> dict[str, Tensor]:

@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from eyas.draft.model import Eagle3Draft
-from eyas.draft.ttt import padding_bias, position_ids_from_mask, shift_left, ttt_attention_bias
+from eyas.draft.ttt import (
+    position_ids_from_mask,
+    resolve_attention,
+    shift_left,
+    ttt_attention_mask,
+)
 from eyas.engine.lookup import ngram_lookup
 
 Proposer = Callable[[int], list[int]]  # anchor t -> guesses for positions t+2, t+3, ...
@@ -29,27 +34,27 @@ Proposer = Callable[[int], list[int]]  # anchor t -> guesses for positions t+2, 
 
 @torch.no_grad()
 def chain_drafts(draft: Eagle3Draft, embed_weight: Tensor, aux: Tensor, input_ids: Tensor,
-                 attention_mask: Tensor | None, depth: int) -> Tensor:
+                 attention_mask: Tensor | None, depth: int, attention: str = "auto") -> Tensor:
     """Greedy chains of ``depth`` tokens from EVERY anchor at once.
 
     embed_weight (V, H) the target's embeddings; aux (B, T, 3H); input_ids (B, T) int64;
     attention_mask (B, T) (1 = real) or None -> (B, T, depth) int64 target-vocab ids, where
     ``out[b, t, j]`` guesses ``input_ids[b, t + 2 + j]``. Step j attends to the step-0 keys at
     positions <= t (target features) and to the anchor's own chain keys, exactly as a draft
-    model with a KV cache would at inference (checked against that in the tests).
+    model with a KV cache would at inference (checked against that in the tests). ``attention``
+    picks the kernel as in ``eyas.draft.ttt.ttt_forward`` (the masks are TTT's).
     """
     b, t = input_ids.shape
-    device, dtype = input_ids.device, draft.fc.weight.dtype
-    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    device = input_ids.device
+    backend = resolve_attention(attention, device)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     positions = position_ids_from_mask(attention_mask, b, t, device)  # (B, T)
     hidden = draft.fuse(aux)  # (B, T, H)
     tokens = shift_left(input_ids, 1)  # (B, T): x_{t+1}, the token the target produced last
     past, guesses = None, []
     for k in range(depth):
-        bias = ttt_attention_bias(t, k, dtype, device)  # (1, 1, T, T*(k+1))
-        if padded:
-            bias = bias + padding_bias(attention_mask, k, dtype)
-        out, past = draft(F.embedding(tokens, embed_weight), hidden, positions + k, bias, past)
+        attn = ttt_attention_mask(real, k, backend)  # over (T, T*(k+1))
+        out, past = draft(F.embedding(tokens, embed_weight), hidden, positions + k, attn, past)
         tokens = draft.draft_to_target(draft.logits(out).argmax(-1))  # (B, T) the draft's own guess
         guesses.append(tokens)
         hidden = out
