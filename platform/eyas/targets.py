@@ -167,19 +167,16 @@ def resolve_dtype(name: str, on_gpu: bool) -> Any:
     return dtype
 
 
-def load_hf_model(path: str, dtype: str, use_gpu: bool, with_head: bool = True) -> tuple[Any, Any]:
-    """A resolved target loaded with transformers, in eval mode, and its device.
-
-    ``with_head=False`` loads the decoder stack only (``AutoModel``: no (B, T, V) logits), as
-    feature capture wants; ``dtype`` is a config name (``auto``: bf16 on GPU, fp32 on CPU).
-    """
+def load_hf_model(path: str, dtype: str, use_gpu: bool) -> tuple[Any, Any]:
+    """A resolved target loaded with transformers (with its lm_head, as regeneration wants), in
+    eval mode, and its device; ``dtype`` is a config name (``auto``: bf16 on GPU, fp32 on CPU).
+    Feature capture loads its own way (``eyas.features.capture.load_target``)."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("num_gpus_per_actor > 0 but this actor sees no CUDA device; set "
                            "num_gpus_per_actor=0 to run the target on CPU")
     device = torch.device("cuda" if use_gpu else "cpu")
-    cls = AutoModelForCausalLM if with_head else AutoModel
-    model = cls.from_pretrained(path, dtype=resolve_dtype(dtype, use_gpu))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, use_gpu))
     return model.to(device).eval(), device

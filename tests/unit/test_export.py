@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -140,3 +141,41 @@ def test_cli_exit_codes(good_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "missing key 'lm_head.weight'" in bad.stdout and "architectures" in bad.stdout
+
+
+def test_convert_for_vllm_and_back(good_dir, tmp_path):
+    """--for vllm writes the same tensors with vLLM's top-level ids (eagle_config's + 1);
+    --for sglang gives back the original config.json."""
+    from eyas.export.convert import main
+
+    vllm_dir, back_dir = tmp_path / "vllm", tmp_path / "back"
+    assert main([str(good_dir), str(vllm_dir), "--for", "vllm"]) == 0
+    assert main([str(vllm_dir), str(back_dir)]) == 0
+    original = json.loads((good_dir / "config.json").read_text())
+    vllm = json.loads((vllm_dir / "config.json").read_text())
+    assert vllm.pop("eagle_aux_hidden_state_layer_ids") == [1, 3, 4]  # outputs [0, 2, 3] + 1
+    assert vllm == original == json.loads((back_dir / "config.json").read_text())
+    for d in (vllm_dir, back_dir):
+        assert (d / "model.safetensors").read_bytes() == (good_dir / "model.safetensors").read_bytes()
+        assert check_draft_dir(d) == []
+
+
+def test_convert_refuses_a_broken_draft(good_dir, tmp_path, capsys):
+    from eyas.export.convert import main
+
+    rewrite(good_dir, lambda t: t.pop("lm_head.weight"))
+    assert main([str(good_dir), str(tmp_path / "out"), "--for", "vllm"]) == 1
+    assert "missing key 'lm_head.weight'" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("top", "needle"), [
+    ([0, 2, 3], r"vLLM needs \[1, 3, 4\]"),  # the SGLang numbering under vLLM's key
+    ([1, 3, 4], None),
+])
+def test_check_vllm_ids_against_eagle_config(good_dir, top, needle):
+    rewrite(good_dir, mutate_config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=top))
+    problems = check_draft_dir(good_dir)
+    assert problems == [] if needle is None else any(re.search(needle, p) for p in problems)
+    rewrite(good_dir, mutate_config=lambda c: c.pop("eagle_config"))
+    assert any("no eagle_config" in p for p in check_draft_dir(good_dir))

@@ -237,6 +237,104 @@ def test_item6_one_target_per_recipe_that_every_node_can_load(recipe: str) -> No
             "id (downloaded with HF_TOKEN_PATH on each node) or materialise it in cluster.yaml")
 
 
+# ----------------------------------------------------------------------------- item 7
+
+
+def test_item7_big_targets_spread_over_all_the_actors_gpus(monkeypatch, stories260k: Path) -> None:
+    """On GPUs the features stage loads the text stack with device_map="auto" over every GPU
+    Ray gave the actor (70B ~141 GB, Scout ~218 GB fit no single GPU); the old code loaded
+    AutoModel and moved it whole to one GPU. A CPU model stands in for the loaded one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eyas.config import ConfigError
+    from eyas.features import capture
+
+    seen: dict[str, Any] = {}
+    real = AutoModelForCausalLM.from_pretrained
+    placement: dict[str, Any] = {"model.embed_tokens": 0, "model.layers": 1, "model.norm": 3}
+
+    def fake(path: str, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        model = real(path, config=kwargs["config"], dtype=torch.float32)
+        model.hf_device_map = dict(placement)
+        return model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    model, device = capture.load_target(str(stories260k), "auto", use_gpu=True)
+    assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16
+    assert seen["config"].model_type == "llama"
+    assert hasattr(model, "layers") and not hasattr(model, "lm_head") and device.type == "cpu"
+    placement["model.layers.3"] = "cpu"  # accelerate spills what the GPUs cannot hold
+    with pytest.raises(ConfigError, match=r"do not fit on the actor's 4 GPU\(s\).*num_gpus_per_actor"):
+        capture.load_target(str(stories260k), "auto", use_gpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        capture.load_target(str(stories260k), "auto", use_gpu=True)
+
+
+def tiny_llama4(directory: Path) -> Path:
+    """A random multimodal Llama 4 checkpoint (Scout's layout: language_model.* + vision_model.*)."""
+    import torch
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = {"hidden_size": 32, "intermediate_size": 64, "intermediate_size_mlp": 64,
+            "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "vocab_size": 128, "num_local_experts": 2, "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2, "max_position_embeddings": 256,
+            "attention_chunk_size": 64, "pad_token_id": 0}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+              "vision_output_dim": 16, "projector_input_dim": 16, "projector_output_dim": 16,
+              "pixel_shuffle_ratio": 0.5}
+    torch.manual_seed(0)
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)
+                                   ).save_pretrained(str(directory))
+    return directory
+
+
+def test_item7_scout_checkpoint_captures_its_language_model(tmp_path: Path) -> None:
+    """A multimodal Llama 4 checkpoint loads its text stack only (AutoModel gave
+    Llama4ForConditionalGeneration, which has no last_hidden_state) with the checkpoint's
+    weights: the features equal the full model's own hidden states."""
+    import torch
+    from transformers import Llama4ForConditionalGeneration
+
+    from eyas.features import capture
+
+    path = str(tiny_llama4(tmp_path / "scout"))
+    info = capture.target_info(path, [0, 2, 4])
+    assert (info.num_layers, info.hidden_size, info.hidden_states_indices) == (6, 32, [1, 3, 5])
+    model, device = capture.load_target(path, "float32", use_gpu=False)
+    assert type(model).__name__ == "Llama4TextModel" and len(model.layers) == 6
+    reference = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    for seq, (aux, hidden) in zip(seqs, capture.capture_batch(model, seqs, [1, 3, 5], device),
+                                  strict=True):
+        with torch.no_grad():
+            states = reference(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(aux, torch.cat([states[i][0] for i in (1, 3, 5)], -1),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hidden, states[-1][0], atol=1e-5, rtol=1e-4)
+
+
+def test_item7_big_recipes_ship_features_and_train_configs() -> None:
+    """70B and Scout have serve apps for their drafts: their features and train configs exist,
+    give each feature actor the GPUs the target needs, and train where the apps read the draft."""
+    from eyas.features.config import FeaturesJobConfig
+    from eyas.train.config import TrainJobConfig
+
+    for recipe, gpus in (("llama33_70b", 4), ("llama4_scout", 8)):
+        feats = load_config(FeaturesJobConfig, CONFIGS / f"extract_features_{recipe}.yaml")
+        train = load_config(TrainJobConfig, CONFIGS / f"train_draft_{recipe}.yaml")
+        assert feats.features.num_gpus_per_actor == gpus
+        assert train.features.artifact == feats.features.artifact
+        (app,) = (a for n, a in serve_apps().items() if n == f"{recipe}_sglang_eagle3.yaml")
+        assert app["args"]["speculative"]["draft_path"] == f"{train.run.output}/draft"
+
+
 # ----------------------------------------------------------------------------- item 8
 
 
@@ -409,3 +507,48 @@ def test_item14_fallback_does_not_count_the_prefill_token() -> None:
     explicit = sg.spec_stats({"completion_tokens": 13, "spec_verify_ct": 4,
                               "spec_accepted_tokens": 7})
     assert explicit.accepted_tokens == 7
+
+
+# ----------------------------------------------------------------------------- item 15
+
+
+def sglang_captures(cfg: dict[str, Any], num_layers: int) -> list[int]:
+    """The hidden_states indices sglang 0.5.23 captures for a draft config.json: eagle_config's
+    list + 1 (srt/model_executor/model_runner_components/spec_aux_hidden_state.py reads it,
+    srt/models/llama.py set_eagle3_layers_to_capture adds 1), else [2, N//2, N-3]."""
+    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return [2, num_layers // 2, num_layers - 3] if ids is None else [i + 1 for i in ids]
+
+
+def vllm_captures(cfg: dict[str, Any], num_layers: int) -> list[int]:
+    """The hidden_states indices vllm 0.34 captures: the TOP-LEVEL list as is, else
+    eagle_config.layer_ids (v1/worker/gpu/spec_decode/eagle/eagle3_utils.py
+    get_eagle3_aux_layers_from_config), else (2, N//2, N-3) (models/interfaces.py); id k is
+    recorded after layer k-1 runs (models/llama.py LlamaModel.forward: idx + 1)."""
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids") or (cfg.get("eagle_config") or {}).get("layer_ids")
+    return [2, num_layers // 2, num_layers - 3] if not ids else sorted(ids)
+
+
+@pytest.mark.parametrize("server", ["sglang", "vllm"])
+def test_item15_each_export_target_numbers_the_aux_layers_its_way(server: str, tmp_path: Path) -> None:
+    """The head was trained on the outputs of layers [0, 2, 3] of a 5-layer target
+    (hidden_states [1, 3, 4]); the export for each server makes THAT server capture them.
+    The SGLang file alone makes vLLM fall back to its defaults, which here collide."""
+    import json
+
+    from test_export import make_draft
+
+    from eyas.draft.model import Eagle3Draft
+    from eyas.export.check import check_draft_dir
+    from eyas.export.writer import save_draft
+
+    trained = [1, 3, 4]  # hidden_states indices of aux_layer_ids [0, 2, 3]
+    save_draft(make_draft(), tmp_path / "d", dtype="float32", server=server)
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    read = {"sglang": sglang_captures(cfg, 5), "vllm": vllm_captures(cfg, 5)}
+    assert read[server] == trained
+    assert read["sglang"] == trained  # eagle_config keeps the output indices in both files
+    if server == "sglang":
+        assert "eagle_aux_hidden_state_layer_ids" not in cfg and read["vllm"] == [2, 2, 2]
+    assert check_draft_dir(tmp_path / "d") == []
+    assert Eagle3Draft.from_pretrained(tmp_path / "d").config.aux_layer_ids == [0, 2, 3]

@@ -27,6 +27,7 @@ from eyas.draft.model import (
     validate_aux_layer_ids,
 )
 from eyas.draft.vocab import check_vocab_mapping
+from eyas.export.writer import VLLM_AUX_KEY, vllm_aux_layer_ids
 
 REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                    "rms_norm_eps", "max_position_embeddings", "vocab_size", "draft_vocab_size",
@@ -53,7 +54,27 @@ def check_config_fields(cfg: dict[str, Any]) -> list[str]:
     if ids is not None and (len(ids) != NUM_AUX_LAYERS or len(set(ids)) != len(ids)):
         problems.append(f"config.json: eagle_aux_hidden_state_layer_ids={ids}; need "
                         f"{NUM_AUX_LAYERS} distinct layers")
-    return problems
+    return problems + check_vllm_aux_ids(cfg)
+
+
+def check_vllm_aux_ids(cfg: dict[str, Any]) -> list[str]:
+    """A top-level ``eagle_aux_hidden_state_layer_ids`` (vLLM's numbering, written by
+    ``--for vllm``) must be ``eagle_config``'s OUTPUT indices + 1, so that vLLM, SGLang and the
+    eyas reader capture the layers the head was trained on."""
+    top = cfg.get(VLLM_AUX_KEY)
+    if top is None:
+        return []
+    nested = (cfg.get("eagle_config") or {}).get(VLLM_AUX_KEY)
+    if nested is None:
+        return [f"config.json: top-level {VLLM_AUX_KEY}={top} (vLLM's numbering) but no "
+                f"eagle_config.{VLLM_AUX_KEY}: SGLang and eyas would capture their default "
+                "layers; re-export with `python -m eyas.export.convert`"]
+    want = vllm_aux_layer_ids([int(i) for i in nested])
+    if [int(i) for i in top] != want:
+        return [f"config.json: top-level {VLLM_AUX_KEY}={top}; vLLM needs {want} (eagle_config's "
+                f"layer outputs {nested} + 1), or it captures other layers than the head was "
+                "trained on"]
+    return []
 
 
 def check_tensors(weights: Path, config: DraftConfig) -> list[str]:

@@ -1,6 +1,8 @@
 """Target capture: one batched forward of the target -> per-row aux and final hidden states.
 
-Pure PyTorch + transformers, no Ray and no I/O beyond loading the model. Layer convention
+Pure PyTorch + transformers, no Ray and no I/O beyond loading the model. The target loads as
+its text stack only (a multimodal checkpoint such as Llama 4 Scout without its vision tower),
+spread over all the actor's GPUs when it needs several (``target_load_kwargs``). Layer convention
 (see ``eyas.draft.model``): ``aux_layer_ids`` are 0-based decoder-layer OUTPUT indices; in
 transformers' ``output_hidden_states`` tuple (index 0 = embeddings) layer ``i``'s output sits
 at ``i + 1`` (they are captured with hooks on the layers, not through that tuple). The final
@@ -67,11 +69,60 @@ def target_info(path: str, aux_layer_ids: list[int] | None) -> TargetInfo:
                       aux_layer_ids=resolve_aux_layer_ids(aux_layer_ids, num_layers))
 
 
-def load_target(path: str, dtype: str, use_gpu: bool) -> tuple[Any, torch.device]:
-    """The target's decoder stack (no lm_head, so no (B, T, V) logits) in eval mode."""
-    from eyas.targets import load_hf_model
+def target_load_kwargs(config: Any, dtype: str, use_gpu: bool, visible_gpus: int) -> dict[str, Any]:
+    """``AutoModelForCausalLM.from_pretrained`` keyword arguments for the target's text stack.
 
-    return load_hf_model(path, dtype, use_gpu, with_head=False)
+    ``config`` is the checkpoint's config: its ``get_text_config()`` is passed on, so a
+    multimodal checkpoint (Llama 4 Scout) loads its language model only, as the text causal
+    LM class, which maps the ``language_model.`` weights and skips the vision tower. On GPUs
+    ``device_map="auto"`` spreads the layers over every GPU Ray gave the actor
+    (``num_gpus_per_actor``): a 70B target (~141 GB in bf16) or Scout (~218 GB) fits no single GPU.
+    """
+    from eyas.targets import resolve_dtype
+
+    if use_gpu and visible_gpus < 1:
+        raise RuntimeError("num_gpus_per_actor > 0 but this actor sees no CUDA device; set "
+                           "num_gpus_per_actor=0 to run the target on CPU")
+    kwargs: dict[str, Any] = {"config": config.get_text_config(),
+                              "dtype": resolve_dtype(dtype, use_gpu)}
+    if use_gpu:
+        kwargs["device_map"] = "auto"
+    return kwargs
+
+
+def check_placement(device_map: dict[str, Any] | None, path: str, visible_gpus: int) -> None:
+    """Refuse a target that ``device_map="auto"`` could not fit on the actor's GPUs: accelerate
+    would run the modules it placed on ``cpu`` or ``disk`` from there, silently and slowly."""
+    spilled = sorted(name for name, where in (device_map or {}).items() if where in ("cpu", "disk"))
+    if spilled:
+        raise ConfigError(f"features.target {path}: {len(spilled)} module(s) ({', '.join(spilled[:3])}"
+                          f"{', ...' if len(spilled) > 3 else ''}) do not fit on the actor's "
+                          f"{visible_gpus} GPU(s) and were placed on cpu/disk; raise "
+                          "features.num_gpus_per_actor (70B: 4 x 80 GB, Scout: 8 x 80 GB)")
+
+
+def text_stack(model: Any) -> Any:
+    """The decoder stack of a transformers causal LM (embeddings, layers, final norm; no lm_head,
+    so a forward returns ``last_hidden_state`` (B, T, H), never (B, T, V) logits)."""
+    stack = getattr(model, "model", None)
+    if stack is None or not hasattr(stack, "layers"):
+        raise ValueError(f"{type(model).__name__} has no .model decoder stack with .layers; "
+                         "features.target must be a decoder-only (or multimodal Llama-style) LM")
+    return stack
+
+
+def load_target(path: str, dtype: str, use_gpu: bool) -> tuple[Any, torch.device]:
+    """The target's text decoder stack in eval mode, and the device its inputs go to (the
+    embeddings'; with several GPUs the layers after it sit on the others). The causal LM's
+    lm_head is freed with the wrapper once this returns."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    visible = torch.cuda.device_count() if use_gpu and torch.cuda.is_available() else 0
+    kwargs = target_load_kwargs(AutoConfig.from_pretrained(path), dtype, use_gpu, visible)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    check_placement(getattr(model, "hf_device_map", None), path, visible)
+    stack = text_stack(model).eval()
+    return stack, stack.get_input_embeddings().weight.device
 
 
 def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -87,12 +138,11 @@ def pad_right(seqs: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
 
 
 def decoder_layers(model: Any) -> Any:
-    """The decoder layer list of a transformers base model (``model.layers``, or the text
-    model's for multimodal wrappers)."""
-    for owner in (model, getattr(model, "language_model", None), getattr(model, "model", None)):
-        if owner is not None and hasattr(owner, "layers"):
-            return owner.layers
-    raise ValueError(f"{type(model).__name__} has no .layers: cannot hook its decoder layers")
+    """The decoder layer list of a text stack (``model.layers``)."""
+    if not hasattr(model, "layers"):
+        raise ValueError(f"{type(model).__name__} has no .layers: pass the text stack that "
+                         "load_target returns, not a causal LM or multimodal wrapper")
+    return model.layers
 
 
 @torch.no_grad()
@@ -124,6 +174,7 @@ def capture_batch(model: Any, seqs: list[list[int]], hidden_states_indices: list
     finally:
         for handle in handles:
             handle.remove()
-    aux = torch.cat([captured[i] for i in hidden_states_indices], dim=-1)  # (B, T, 3H)
-    hidden = out.last_hidden_state  # (B, T, H), after the final norm
+    # a target spread over several GPUs leaves each layer's output on that layer's GPU
+    aux = torch.cat([captured[i].to(device) for i in hidden_states_indices], dim=-1)  # (B, T, 3H)
+    hidden = out.last_hidden_state.to(device)  # (B, T, H), after the final norm
     return [(aux[b, : len(s)], hidden[b, : len(s)]) for b, s in enumerate(seqs)]
