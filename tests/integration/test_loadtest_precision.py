@@ -158,6 +158,6 @@ def test_results_written_to_s3(ray_local, server, s3_prefix) -> None:
     server.configure(**FAST)
     res = run_load_test(make_cfg(server, s3_prefix, concurrencies=[1], requests_per_point=2,
                                  progress=True,
-                                 workload={"kind": "random", "chat": False, "num_prompts": 4}))
+                                 workload={"kind": "synthetic", "chat": False, "num_prompts": 4}))
     assert all(uri.startswith(s3_prefix) for uri in res.files.values())
     check_files(res.files, n_records=2, n_rows=1)

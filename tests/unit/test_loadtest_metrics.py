@@ -289,7 +289,7 @@ def test_point_phases_and_default_warmup() -> None:
 # --- workloads and config ----------------------------------------------------------------------
 
 def test_synthetic_workloads_are_seeded() -> None:
-    cfg = WorkloadConfig(kind="random", input_len=12, num_prompts=3)
+    cfg = WorkloadConfig(kind="synthetic", input_len=12, num_prompts=3)
     a, b = workloads.load_prompts(cfg, 5), workloads.load_prompts(cfg, 5)
     assert a == b and a != workloads.load_prompts(cfg, 6)
     assert len(a[0].messages[0]["content"].split()) == 12

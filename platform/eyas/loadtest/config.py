@@ -37,30 +37,70 @@ class EndpointConfig(StrictModel):
         return self
 
 
-class WorkloadConfig(StrictModel):
-    """Where prompts come from.
+# The keys each workload kind reads, besides kind, num_prompts, output_len and chat.
+KIND_KEYS: dict[str, set[str]] = {
+    "synthetic": {"input_len"},
+    "shared_prefix": {"input_len", "prefix_len"},
+    "prompts_file": {"path"},
+    "random": {"input_len", "range_ratio", "tokenizer"},
+    "sharegpt": {"path", "tokenizer", "context_len"},
+}
 
-    ``input_len``, ``prefix_len`` and ``output_len`` count *words* for the synthetic kinds: the
-    load test has no tokenizer, and a random English-like word is one to two tokens.
+
+class WorkloadConfig(StrictModel):
+    """Where prompts come from, and how long requests are.
+
+    ``synthetic`` and ``shared_prefix`` count ``input_len``/``prefix_len`` in pseudo-*words*
+    (no tokenizer needed; a word is one to two tokens). ``random`` and ``sharegpt`` count
+    *tokens* of the served model's tokenizer, as SGLang's ``bench_serving`` does, and fix each
+    request's output length (``max_tokens`` with ``ignore_eos``), so their numbers can be set
+    next to published ones.
     """
 
-    kind: Literal["prompts_file", "random", "shared_prefix"] = "random"
+    kind: Literal["synthetic", "shared_prefix", "prompts_file", "random", "sharegpt"] = "synthetic"
     path: str | None = Field(
-        default=None, description="prompts_file: .jsonl/.json/.parquet with prompt|text|messages")
-    input_len: int = Field(default=128, ge=1, description="random/shared_prefix: words per prompt")
+        default=None, description="prompts_file: .jsonl/.json/.parquet with prompt|text|messages; "
+        "sharegpt: .json/.jsonl of {conversations: [{from: human|gpt, value}]}")
+    input_len: int = Field(default=128, ge=1, description="synthetic/shared_prefix: words per "
+                           "prompt; random: prompt tokens (upper end of the range)")
     prefix_len: int = Field(default=0, ge=0, description="shared_prefix: words shared by all")
     output_len: int | None = Field(
-        default=None, ge=1, description="max_tokens per request; overrides the top-level max_tokens")
+        default=None, ge=1, description="max_tokens per request, overriding the top-level "
+        "max_tokens; random: output tokens (upper end of the range, default max_tokens); "
+        "sharegpt: a fixed output length instead of each reply's")
+    range_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="random: lengths are drawn uniformly from "
+        "[range_ratio * len, len] (bench_serving --random-range-ratio; 1: fixed lengths)")
+    tokenizer: str | None = Field(
+        default=None, description="random/sharegpt: tokenizer directory, asset or registered "
+        "target; default: the first endpoint's model, where eyas.targets finds it locally")
+    context_len: int | None = Field(
+        default=None, ge=2, description="sharegpt: skip conversations whose prompt + output "
+        "tokens exceed this (bench_serving --sharegpt-context-len)")
     num_prompts: int = Field(default=256, ge=1, description="prompts generated or read (at most)")
     chat: bool = Field(default=True, description="/v1/chat/completions (true) or /v1/completions")
 
     @model_validator(mode="after")
     def _check_kind(self) -> WorkloadConfig:
-        if self.kind == "prompts_file" and not self.path:
-            raise ValueError("workload.kind=prompts_file needs workload.path (a local path or URI)")
+        if self.kind in ("prompts_file", "sharegpt") and not self.path:
+            raise ValueError(f"workload.kind={self.kind} needs workload.path (a local path, "
+                             "assets:... or a URI)")
         if self.kind == "shared_prefix" and self.prefix_len < 1:
             raise ValueError("workload.kind=shared_prefix needs workload.prefix_len >= 1")
+        unused = self.unused_keys()
+        if unused:
+            keys = ", ".join(f"workload.{k}" for k in unused)
+            raise ValueError(f"workload.kind={self.kind} does not read {keys}: remove "
+                             f"{'it' if len(unused) == 1 else 'them'} or change workload.kind")
         return self
+
+    def unused_keys(self) -> list[str]:
+        """Keys set away from their defaults that this kind does not read (a value that would be
+        silently ignored is a mistake). Compared with defaults, not with the keys given, so a
+        dumped and re-validated config passes."""
+        fields = type(self).model_fields
+        other = set().union(*KIND_KEYS.values()) - KIND_KEYS[self.kind]
+        return sorted(k for k in other if getattr(self, k) != fields[k].default)
 
 
 class SLOConfig(StrictModel):

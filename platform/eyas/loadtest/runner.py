@@ -38,7 +38,7 @@ from typing import Any
 from eyas.loadtest.client import Clock, Target, build_body, make_target, new_session, send_request
 from eyas.loadtest.config import EndpointConfig, LoadTestConfig
 from eyas.loadtest.metrics import RequestRecord, summarize
-from eyas.loadtest.workloads import load_prompts
+from eyas.loadtest.workloads import Prompt, load_prompts
 
 SERVE_PROXY = "{serve_proxy}"  # URL host placeholder: a node that runs a Serve proxy
 START_LEAD_S = 0.3  # time for a phase's plans to reach every actor before the common start
@@ -428,21 +428,28 @@ def server_info(target: Target, timeout_s: float = 10.0) -> dict[str, Any] | Non
         return None
 
 
+def request_bodies(cfg: LoadTestConfig, ep: EndpointConfig,
+                   prompts: list[Prompt]) -> list[dict[str, Any]]:
+    """One request body per prompt for ``ep``; a prompt with its own output length (the random
+    and sharegpt workloads) asks for exactly that many tokens: max_tokens with ignore_eos."""
+    return [build_body(p, ep.model, p.output_len or cfg.request_max_tokens, cfg.temperature,
+                       cfg.ignore_eos or p.output_len is not None, cfg.continuous_usage_stats,
+                       cfg.extra_body) for p in prompts]
+
+
 def start_actors(cfg: LoadTestConfig) -> list[Any]:
     """``num_client_actors`` client actors, spread over nodes, each told every endpoint."""
     import ray
 
+    prompts = load_prompts(cfg.workload, cfg.seed, cfg.endpoints[0].model, cfg.max_tokens)
     actor_cls = ray.remote(num_cpus=cfg.client_actor_cpus, scheduling_strategy="SPREAD")(ClientWorker)
     actors = [actor_cls.remote() for _ in range(cfg.num_client_actors)]
-    prompts = load_prompts(cfg.workload, cfg.seed)
     calls = []
     infos = {}
     for ep in cfg.endpoints:
         target = endpoint_target(ep, cfg.workload.chat)
         infos[ep.name] = server_info(target)
-        bodies = [build_body(p, ep.model, cfg.request_max_tokens, cfg.temperature, cfg.ignore_eos,
-                             cfg.continuous_usage_stats, cfg.extra_body) for p in prompts]
-        bodies_ref = ray.put(bodies)
+        bodies_ref = ray.put(request_bodies(cfg, ep, prompts))
         calls += [a.set_endpoint.remote(ep.name, target, bodies_ref) for a in actors]
     ray.get(calls)
     for warning in capacity_warnings(cfg, infos):

@@ -3,7 +3,8 @@
 A prompt is either chat ``messages`` (for /v1/chat/completions) or plain ``text`` (for
 /v1/completions); ``load_prompts`` returns the kind the workload's ``chat`` flag asks for.
 Synthetic prompts are made of words from a fixed pseudo-English vocabulary, so the same seed
-gives the same prompts on every machine and every run.
+gives the same prompts on every machine and every run. The ``random`` and ``sharegpt`` kinds,
+whose lengths are tokens of the served model's tokenizer, live in ``token_workloads``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "ta", "ri", "so", "vu", "pe", "da", "gi", 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request's input: chat messages or completion text (exactly one is set)."""
+    """One request's input: chat messages or completion text (exactly one is set), and the
+    tokens to generate when the workload fixes them (sent as max_tokens with ignore_eos; None:
+    the load test's max_tokens)."""
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    output_len: int | None = None
 
 
 def random_words(rng: random.Random, n: int) -> str:
@@ -34,12 +38,14 @@ def random_words(rng: random.Random, n: int) -> str:
     return " ".join(words)
 
 
-def as_prompt(text: str, chat: bool) -> Prompt:
+def as_prompt(text: str, chat: bool, output_len: int | None = None) -> Prompt:
     """A user turn for chat endpoints, plain text for completion endpoints."""
-    return Prompt(messages=[{"role": "user", "content": text}]) if chat else Prompt(text=text)
+    if chat:
+        return Prompt(messages=[{"role": "user", "content": text}], output_len=output_len)
+    return Prompt(text=text, output_len=output_len)
 
 
-def random_prompts(cfg: WorkloadConfig, seed: int) -> list[Prompt]:
+def synthetic_prompts(cfg: WorkloadConfig, seed: int) -> list[Prompt]:
     """``num_prompts`` independent prompts of ``input_len`` words."""
     rng = random.Random(seed)
     return [as_prompt(random_words(rng, cfg.input_len), cfg.chat) for _ in range(cfg.num_prompts)]
@@ -102,10 +108,23 @@ def file_prompts(cfg: WorkloadConfig) -> list[Prompt]:
     return [row_to_prompt(r, cfg.chat, f"{cfg.path} row {i}") for i, r in enumerate(rows)]
 
 
-def load_prompts(cfg: WorkloadConfig, seed: int) -> list[Prompt]:
-    """The workload's prompts, in a fixed order (request ``i`` of a point uses prompt ``i % n``)."""
+def load_prompts(cfg: WorkloadConfig, seed: int, model: str | None = None,
+                 max_tokens: int = 256) -> list[Prompt]:
+    """The workload's prompts, in a fixed order (request ``i`` of a point uses prompt ``i % n``).
+
+    ``model`` (the first endpoint's) names the tokenizer of the token-counted kinds when
+    ``workload.tokenizer`` is unset; ``max_tokens`` is ``random``'s output length when
+    ``workload.output_len`` is unset.
+    """
     if cfg.kind == "prompts_file":
         return file_prompts(cfg)
     if cfg.kind == "shared_prefix":
         return shared_prefix_prompts(cfg, seed)
-    return random_prompts(cfg, seed)
+    if cfg.kind == "synthetic":
+        return synthetic_prompts(cfg, seed)
+    from eyas.loadtest import token_workloads
+
+    tokenizer = token_workloads.load_tokenizer(cfg, model)
+    if cfg.kind == "random":
+        return token_workloads.random_prompts(cfg, seed, tokenizer, cfg.output_len or max_tokens)
+    return token_workloads.sharegpt_prompts(cfg, seed, tokenizer)
