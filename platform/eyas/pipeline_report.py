@@ -87,8 +87,8 @@ def print_report(report: dict[str, Any], uri: str) -> None:
         print(f"train: {t['steps']} steps, {_fmt(t['tokens_per_s'], 0)} tokens/s, final {accs}")
     if "evaluate" in report:
         tau = report["evaluate"]["tau"] or {}
-        for drafter, values in tau.items():  # head, ngram, head+ngram (both verified together)
-            print(f"offline tau {drafter:10s}: {_tau_line(values)}")
+        for drafter, values in tau.items():  # head, ngram, head+ngram, with a store +corpus
+            print(f"offline tau {drafter:17s}: {_tau_line(values)}")
     if "loadtest" in report:
         print(f"{'point':>8} | {'TPOT base':>9} {'TPOT eagle3':>11} {'x TPOT':>6} | "
               f"{'tok/s base':>10} {'tok/s eagle3':>12} {'x thrpt':>7} | {'accept':>6}")

@@ -350,6 +350,28 @@ def test_lookup_branch_is_verified_with_the_tree(stories260k, plain_greedy):
     assert accepted[4][2] >= 10
 
 
+@pytest.mark.parametrize("ngram", [0, 4])
+def test_corpus_branch_is_verified_with_the_tree(stories260k, plain_greedy, tmp_path, ngram):
+    """A draft that is never right, and a store of the plain greedy replies themselves: the
+    corpus branch (alone or beside the lookup branch) carries nearly every token, exactly."""
+    from eyas.engine.ngram_store import STORE_FILE, NgramStore
+
+    corpus = [p + o.token_ids for p, o in zip(PROMPTS, plain_greedy, strict=True)]
+    NgramStore.build(corpus, min_n=2, max_n=8).save(str(tmp_path / STORE_FILE))
+    spec = SpecConfig(str(tmp_path), num_steps=3, eagle_topk=1, num_draft_tokens=4, ngram_tokens=ngram,
+                      corpus_tokens=4)
+    engine = Engine(str(stories260k), spec=spec, draft=ConstantDraft(512, [3, 5, 7]))
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=48))
+    assert [o.token_ids for o in outs] == [w.token_ids for w in plain_greedy]
+    assert all(o.stats.acceptance_length > 3.0 for o in outs), [o.stats.acceptance_length for o in outs]
+
+
+def test_corpus_branch_without_a_store_is_a_clear_error(stories260k, tmp_path):
+    spec = SpecConfig(str(tmp_path), corpus_tokens=4)
+    with pytest.raises(ValueError, match="speculative.corpus_tokens=4 needs .*ngram_store.npz"):
+        Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
+
+
 @pytest.mark.parametrize("ngram,limit", [(0, None), (3, None), (3, 32)])
 def test_engine_sampling_follows_target_monte_carlo(stories260k: Path, ngram: int, limit: int | None):
     """Speculative sampling (tree 3/4/8 [+ lookup], temperature 1, top-k 3) emits the target's law over

@@ -25,6 +25,7 @@ from eyas.engine.accept import accept_greedy, accept_sampled
 from eyas.engine.kv_cache import KVCache, cache_attention_mask
 from eyas.engine.lookup import add_chains, ngram_lookup
 from eyas.engine.model import Transformer
+from eyas.engine.ngram_store import STORE_FILE, NgramStore
 from eyas.engine.sampling import (
     SamplingParams,
     draw_uniforms,
@@ -50,7 +51,9 @@ __all__ = ["Engine", "RequestOutput", "RequestStats", "SamplingParams", "SpecCon
 class SpecConfig:
     """EAGLE-3 settings with SGLang's names: S steps, top-K per node, D tree tokens; plus an
     optional n-gram lookup branch of up to ``ngram_tokens`` nodes (0 = off) matching the last
-    ``ngram_max`` .. ``ngram_min`` tokens (``eyas.engine.lookup``); ``max_speculative_batch``:
+    ``ngram_max`` .. ``ngram_min`` tokens (``eyas.engine.lookup``); an optional corpus branch of
+    up to ``corpus_tokens`` nodes from the draft directory's n-gram store of the training replies
+    (``eyas.engine.ngram_store``; 0 = off); ``max_speculative_batch``:
     rounds with more requests running decode plainly (None = always speculate). Verifying a
     tree costs little more than one token while the forward is memory-bound and about D tokens
     once it is compute-bound; where that turns depends on the machine and the head, so measure
@@ -63,6 +66,7 @@ class SpecConfig:
     ngram_tokens: int = 0
     ngram_min: int = 1
     ngram_max: int = 3
+    corpus_tokens: int = 0
     max_speculative_batch: int | None = None
 
     def __post_init__(self) -> None:
@@ -73,11 +77,13 @@ class SpecConfig:
             raise ValueError(f"ngram_tokens={self.ngram_tokens}, ngram_min={self.ngram_min}, "
                              f"ngram_max={self.ngram_max}: need ngram_tokens >= 0 and "
                              "1 <= ngram_min <= ngram_max")
+        if self.corpus_tokens < 0:
+            raise ValueError(f"corpus_tokens={self.corpus_tokens}: use >= 0 (0 = no corpus branch)")
 
     @property
     def max_tree_nodes(self) -> int:
-        """Tree nodes one verification can hold: D plus the lookup branch."""
-        return self.num_draft_tokens + self.ngram_tokens
+        """Tree nodes one verification can hold: D plus the lookup and corpus branches."""
+        return self.num_draft_tokens + self.ngram_tokens + self.corpus_tokens
 
 
 @dataclass
@@ -128,6 +134,16 @@ class _Request:
         return self.output[-1]
 
 
+def load_store(spec: SpecConfig) -> NgramStore:
+    """The draft directory's n-gram store, for ``corpus_tokens``; a clear error without one."""
+    path = Path(spec.draft_dir or "") / STORE_FILE
+    if spec.draft_dir is None or not path.is_file():
+        raise ValueError(f"speculative.corpus_tokens={spec.corpus_tokens} needs {path}: the train "
+                         "stage writes it beside the head (train.ngram_store_max_n > 0); for an "
+                         "older head: python -m eyas.engine.ngram_store FEATURES_URI DRAFT_DIR")
+    return NgramStore.load(str(path))
+
+
 class Engine:
     """A small LLM engine over a Llama-family target, with optional EAGLE-3 speculation."""
 
@@ -144,6 +160,7 @@ class Engine:
 
             draft = Eagle3Draft.from_pretrained(spec.draft_dir)
         self.spec = spec or (SpecConfig() if draft is not None else None)
+        self.store = load_store(self.spec) if self.spec and self.spec.corpus_tokens else None
         if self.spec is not None:
             validate_tree_knobs(self.spec.num_steps, self.spec.eagle_topk,
                                 self.spec.num_draft_tokens)
@@ -262,14 +279,22 @@ class Engine:
             return self._decode(batch)
         return self._speculate(batch)
 
-    def _lookup_chains(self, batch: list[_Request]) -> list[list[int]]:
-        """Each request's n-gram lookup chain from its root ([] when off or no match)."""
+    def _add_lookup_branches(self, tree: DraftTree, batch: list[_Request]) -> DraftTree:
+        """Hang each request's context-lookup chain, then its corpus chain, from its tree's root
+        (each branch only when configured; a request without a match adds padding)."""
         spec = self.spec
         assert spec is not None
-        if not spec.ngram_tokens:
-            return [[] for _ in batch]
-        return [ngram_lookup(r.prompt + r.output, spec.ngram_tokens, spec.ngram_min, spec.ngram_max)
-                for r in batch]
+        if not (spec.ngram_tokens or self.store):
+            return tree
+        contexts = [r.prompt + r.output for r in batch]
+        tokens, parents = tree.tokens, tree.parents
+        if spec.ngram_tokens:
+            tokens, parents = add_chains(tokens, parents, [
+                ngram_lookup(c, spec.ngram_tokens, spec.ngram_min, spec.ngram_max) for c in contexts])
+        if self.store is not None:
+            tokens, parents = add_chains(tokens, parents,
+                                         [self.store.propose(c, spec.corpus_tokens) for c in contexts])
+        return DraftTree(tokens, parents)
 
     def _prefill(self, req: _Request) -> int:
         """Run the prompt through the target (and the draft), return the first token."""
@@ -331,7 +356,7 @@ class Engine:
         roots = torch.tensor([r.root for r in batch], device=self.device)
         tree = grow_tree(draft, embed, self.draft_cache, slots, last_out, roots,
                          spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-        tree = DraftTree(*add_chains(tree.tokens, tree.parents, self._lookup_chains(batch)))
+        tree = self._add_lookup_branches(tree, batch)
         start = self._record("draft", start)
         # Step 3: ONE target forward over all trees (each row attends to its own slot).
         logits, tree_aux = self._verify(tree, slots, lens)

@@ -18,7 +18,7 @@ from eyas.config import config_hash
 from eyas.draft.model import DraftConfig, default_aux_layer_ids, text_config
 from eyas.evaluate.config import EvaluateJobConfig
 from eyas.evaluate.report import format_table, summarize
-from eyas.evaluate.scorer import DRAFTERS, AcceptanceScorer, empty_stats, merge_stats
+from eyas.evaluate.scorer import AcceptanceScorer, draft_store, drafters, empty_stats, merge_stats
 from eyas.train.data import feature_datasets, feature_spec
 from eyas.train.trainer import absolute
 
@@ -53,7 +53,7 @@ def score_dataset(ds: Any, cfg: EvaluateJobConfig, target_dir: str) -> dict[str,
                                "torch_threads": e.torch_threads},
         compute=ray.data.ActorPoolStrategy(size=e.num_actors), num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None)
-    total = empty_stats(e.max_depth)
+    total = empty_stats(e.max_depth, drafters(draft_store(absolute(e.draft)) is not None))
     for row in scored.iter_rows():
         total = merge_stats(total, json.loads(row["stats"]))
     if total["rows"] == 0:
@@ -88,7 +88,7 @@ def run_evaluation(cfg: EvaluateJobConfig, dataset: Any = None) -> dict[str, Any
         inputs={"draft": e.draft, "features": cfg.features.artifact, "split": e.split, "target": spec.target},
         outputs={"report": artifact.path(REPORT_FILE)},
         counts={"rows": report["rows"], "reply_tokens": report["reply_tokens"]},
-        tau={name: data[name]["tau"] for name in DRAFTERS},
+        tau={name: walks["tau"] for name, walks in data.items()},
         ttt_acc=report["ttt_acc"],
         timings={"total_s": round(time.time() - started, 2)},
     )

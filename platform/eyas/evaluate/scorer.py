@@ -1,4 +1,5 @@
-"""Scoring feature batches: the head's chains and n-gram lookup, against two references.
+"""Scoring feature batches: the head's chains, n-gram lookup and (when the draft directory has
+one) the corpus n-gram store, against two references.
 
 References: ``data`` = the stored tokens (the target's own greedy replies when the data stage
 regenerated them at temperature 0); ``target_argmax`` = argmax of the stored final hidden state
@@ -15,9 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eyas import storage
 from eyas.draft.model import Eagle3Draft
 from eyas.draft.ttt import ttt_forward
+from eyas.engine.ngram_store import STORE_FILE, NgramStore
 from eyas.evaluate.acceptance import (
+    Proposer,
     WalkStats,
     argmax_reference,
     chain_drafts,
@@ -29,13 +33,30 @@ from eyas.evaluate.acceptance import (
 )
 
 DRAFTERS = ("head", "ngram", "head+ngram")  # head+ngram: both chains verified together
+CORPUS_DRAFTERS = ("corpus", "head+ngram+corpus")  # with the draft's ngram_store.npz
 REFERENCES = ("data", "target_argmax")
 
 
-def empty_stats(depth: int) -> dict[str, Any]:
+def drafters(with_store: bool) -> tuple[str, ...]:
+    return DRAFTERS + CORPUS_DRAFTERS if with_store else DRAFTERS
+
+
+def draft_store(draft_dir: str) -> NgramStore | None:
+    """The draft directory's corpus n-gram store, or None when it has none."""
+    uri = storage.join(draft_dir, STORE_FILE)
+    return NgramStore.load(uri) if storage.exists(uri) else None
+
+
+def store_proposer(store: NgramStore, tokens: Tensor, depth: int) -> Proposer:
+    """The corpus store as a proposer: from anchor t, the context is ``tokens[0 .. t+1]``."""
+    seq = tokens.tolist()
+    return lambda t: store.propose(seq[max(0, t + 2 - store.max_n):t + 2], depth)
+
+
+def empty_stats(depth: int, names: tuple[str, ...] = DRAFTERS) -> dict[str, Any]:
     """The additive statistics of a set of rows (``merge_stats`` sums them)."""
     walks = {ref: {name: {str(d): asdict(WalkStats(reached=[0] * d, accepted=[0] * d))
-                          for d in range(1, depth + 1)} for name in DRAFTERS} for ref in REFERENCES}
+                          for d in range(1, depth + 1)} for name in names} for ref in REFERENCES}
     return {"rows": 0, "reply_tokens": 0, "argmax_agree": 0, "argmax_total": 0,
             "ttt_hits": [0.0] * depth, "ttt_counts": [0] * depth, "walks": walks}
 
@@ -61,9 +82,10 @@ def _walk_row(stats: dict[str, Any], proposers: dict[str, Any], ref_name: str, r
 
 @torch.no_grad()
 def score_batch(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor, batch: dict[str, Tensor],
-                depth: int, ngram_min: int = 1, ngram_max: int = 3) -> dict[str, Any]:
+                depth: int, ngram_min: int = 1, ngram_max: int = 3,
+                store: NgramStore | None = None) -> dict[str, Any]:
     """Statistics of one collated batch (``eyas.features.schema.collate`` keys, right padded)."""
-    stats = empty_stats(depth)
+    stats = empty_stats(depth, drafters(store is not None))
     ids, mask, attn = batch["input_ids"], batch["loss_mask"], batch["attention_mask"]
     # Step 1: teacher-forced TTT accuracy per step (the training metric, on held-out data).
     ttt = ttt_forward(draft, embed_weight, lm_head_weight, batch["aux"], batch["hidden"], ids, mask,
@@ -87,6 +109,9 @@ def score_batch(draft: Eagle3Draft, embed_weight: Tensor, lm_head_weight: Tensor
         head = tensor_proposer(chains[i, :n])
         ngram = ngram_proposer(row_ids, depth, ngram_min, ngram_max)
         proposers = {"head": [head], "ngram": [ngram], "head+ngram": [head, ngram]}
+        if store is not None:
+            corpus = store_proposer(store, row_ids, depth)
+            proposers |= {"corpus": [corpus], "head+ngram+corpus": [head, ngram, corpus]}
         _walk_row(stats, proposers, "data", row_ids, spans, depth)
         _walk_row(stats, proposers, "target_argmax", argmax_ref, spans, depth)
     return stats
@@ -105,6 +130,7 @@ class AcceptanceScorer:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         local = download_dir(draft_uri, tempfile.mkdtemp(prefix="eyas-eval-draft-"))
         self.draft = Eagle3Draft.from_pretrained(local, dtype=torch.float32).to(self.device).eval()
+        self.store = draft_store(local)
         embed, lm_head, _ = load_target_head(target_dir)
         self.embed = embed.float().to(self.device)
         self.lm_head = lm_head.float().to(self.device)
@@ -114,5 +140,6 @@ class AcceptanceScorer:
         from eyas.train.data import table_to_batch
 
         batch = {k: v.to(self.device) for k, v in table_to_batch(table, self.max_length).items()}
-        stats = score_batch(self.draft, self.embed, self.lm_head, batch, self.depth, *self.ngram)
+        stats = score_batch(self.draft, self.embed, self.lm_head, batch, self.depth, *self.ngram,
+                            store=self.store)
         return {"stats": [json.dumps(stats)]}

@@ -32,10 +32,14 @@ class SpeculativeConfig(StrictModel):
     num_steps: int | None = Field(None, ge=1)
     eagle_topk: int | None = Field(None, ge=1)
     num_draft_tokens: int | None = Field(None, ge=2)
-    overlap_scheduler: bool = False  # SGLang only: SGLANG_ENABLE_SPEC_V2=True (needs K=1)
+    # SGLang only: false passes disable_overlap_schedule=True (0.5.23 runs EAGLE3 on its v2
+    # worker either way and reads no environment variable for it)
+    overlap_scheduler: bool = False
     # eyas engine only: an n-gram lookup branch of up to this many tokens verified with the tree,
-    # and plain decoding for rounds of more than max_speculative_batch requests (None: never)
+    # a corpus branch from the draft dir's ngram_store.npz (the training replies), and plain
+    # decoding for rounds of more than max_speculative_batch requests (None: never)
     ngram_tokens: int = Field(0, ge=0)
+    corpus_tokens: int = Field(0, ge=0)
     max_speculative_batch: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -188,10 +192,11 @@ class ServeConfig(StrictModel):
             raise ValueError("speculative.overlap_scheduler is an SGLang option; the eyas "
                              "engine has no overlap scheduler: remove it or use backend sglang")
         if self.backend == "sglang" and spec is not None and (
-                spec.ngram_tokens or spec.max_speculative_batch is not None):
-            raise ValueError("speculative.ngram_tokens and max_speculative_batch are eyas engine "
-                             "options (an n-gram branch verified with the EAGLE-3 tree; plain "
-                             "decoding above a batch size); SGLang's EAGLE3 has neither: remove them")
+                spec.ngram_tokens or spec.corpus_tokens or spec.max_speculative_batch is not None):
+            raise ValueError("speculative.ngram_tokens, corpus_tokens and max_speculative_batch are "
+                             "eyas engine options (n-gram branches verified with the EAGLE-3 tree; "
+                             "plain decoding above a batch size); SGLang's EAGLE3 has none of them: "
+                             "remove them")
         return self
 
     @property

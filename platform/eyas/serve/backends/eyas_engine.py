@@ -196,6 +196,7 @@ class EyasBackend:
             tree = ((knobs.num_steps, knobs.eagle_topk, knobs.num_draft_tokens) if knobs.knobs_set
                     else ())
             spec = SpecConfig(draft_dir, *tree, ngram_tokens=knobs.ngram_tokens,
+                              corpus_tokens=knobs.corpus_tokens,
                               max_speculative_batch=knobs.max_speculative_batch)
         self.tokenizer = tokenizer
         self.engine = Engine(target_model_path(cfg.model), spec=spec, device=ecfg.device,
@@ -236,7 +237,7 @@ class EyasBackend:
             "speculative": None if spec is None else {
                 "algorithm": "EAGLE3", "num_steps": spec.num_steps,
                 "eagle_topk": spec.eagle_topk, "num_draft_tokens": spec.num_draft_tokens,
-                "ngram_tokens": spec.ngram_tokens,
+                "ngram_tokens": spec.ngram_tokens, "corpus_tokens": spec.corpus_tokens,
                 "max_speculative_batch": spec.max_speculative_batch},
             "last_engine_error": self._loop.last_error,
         }
