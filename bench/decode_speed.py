@@ -1,9 +1,12 @@
 """Decode speed on one target, same chat prompts, temperature 0, all rows measured in one run.
+The prompts are Vicuna-bench questions: held out of every pipeline config's training data (as in
+the pipelines' load test), so the head's and the drafters' acceptance is measured on unseen text.
 
 Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the faster of the two],
 (b) transformers prompt-lookup assisted generation, (c) the eyas engine without speculation,
 (d) the eyas engine with EAGLE-3 (chain and tree settings, with and without the n-gram lookup
-branch that is verified together with the tree, and with ``max_speculative_batch``: rounds of
+branch that is verified together with the tree, with the corpus branch from the draft dir's
+n-gram store of the training replies, and with ``max_speculative_batch``: rounds of
 larger batches decode plainly; such rows print the share of speculative rounds). For each
 concurrency C, C requests of ``--tokens`` output tokens each run together (eos ignored so every
 row emits the same number of tokens), for ``--groups`` G groups of C different prompts in turn;
@@ -37,20 +40,24 @@ import torch  # noqa: E402
 from eyas.assets import resolve_asset  # noqa: E402
 from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
-PROMPTS = "assets:datasets/prompts/mt_bench_question.jsonl"
-# name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens, max_speculative_batch)
-SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, None), "chain 5/1/6": (5, 1, 6, 0, None),
-            "chain 7/1/8": (7, 1, 8, 0, None), "tree 5/4/8": (5, 4, 8, 0, None),
-            "tree 6/2/8": (6, 2, 8, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, None),
-            "chain 5/1/6 +ngram 4": (5, 1, 6, 4, None),
-            "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 1)}
-Knobs = tuple[int, int, int, int, int | None]
+PROMPTS = "assets:datasets/prompts/vicuna_bench_question.jsonl"  # held out of training
+# name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens, corpus branch tokens,
+#        max_speculative_batch); the corpus branch needs the draft dir's ngram_store.npz
+SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None), "chain 5/1/6": (5, 1, 6, 0, 0, None),
+            "chain 7/1/8": (7, 1, 8, 0, 0, None), "tree 5/4/8": (5, 4, 8, 0, 0, None),
+            "tree 6/2/8": (6, 2, 8, 0, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, 0, None),
+            "chain 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None),
+            "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 0, 1),
+            "chain 3/1/4 +ngram 4 +corpus 4": (3, 1, 4, 4, 4, None),
+            "chain 4/1/5 +ngram 4 +corpus 4": (4, 1, 5, 4, 4, None),
+            "chain 3/1/4 +ngram 4 +corpus 4 B<=1": (3, 1, 4, 4, 4, 1)}
+Knobs = tuple[int, int, int, int, int, int | None]
 Groups = list[list[list[int]]]  # G groups of C prompts each
 Row = Callable[[Groups, int], dict]
 
 
 def questions(n: int) -> list[str]:
-    """The first turn of the first ``n`` MT-bench questions."""
+    """The first turn of the first ``n`` Vicuna-bench questions."""
     with open(resolve_asset(PROMPTS, "PROMPTS")) as f:
         return [json.loads(line)["turns"][0] for line in f if line.strip()][:n]
 
@@ -122,7 +129,8 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
     for name in settings if draft_dir else ():
         knobs = SETTINGS[name]
         engines[f"(d) eyas eagle3 {name}"] = (
-            Engine(model_dir, SpecConfig(draft_dir, *knobs[:4], max_speculative_batch=knobs[4]),
+            Engine(model_dir, SpecConfig(draft_dir, *knobs[:4], corpus_tokens=knobs[4],
+                                         max_speculative_batch=knobs[5]),
                    dtype=dtype, max_batch_size=max_c), knobs)
     for name, (eng, knobs) in engines.items():
         eng.record_phases = True
@@ -185,7 +193,7 @@ def main() -> None:
             line = (f"{name:38s} {c * g * args.tokens / wall:8.1f} {1000 * wall / (g * args.tokens):8.2f} "
                     f"{base / wall:7.2f} {plain[0] / wall:6.2f} {'' if tau is None else f'{tau:5.2f}'}")
             knobs = rows[name][1]
-            if knobs is not None and knobs[4] is not None:
+            if knobs is not None and knobs[5] is not None:
                 line += f" speculative rounds {100 * extra['spec_share']:3.0f}%"
             elif knobs is not None:
                 line += cost_columns(extra, knobs, plain[1]["decode"], plain[0] / wall)
