@@ -6,6 +6,10 @@ without a manifest is unfinished and readers refuse it. ``s3://`` uses ``AWS_END
 ``AWS_SECRET_ACCESS_KEY`` and ``AWS_REGION``/``AWS_DEFAULT_REGION``; ``gs://`` uses pyarrow's
 GCS filesystem with the usual Google credentials.
 
+One writer at a time: a stage locks ``<output>.lock`` before it clears or writes its artifact
+and releases it when the manifest is written (``acquire_lock``); a second writer of the same
+URI is refused with an error naming the holder.
+
 Relative local paths are relative to the eyas home: ``$EYAS_HOME`` when set (an absolute
 directory, normally the checkout a job was submitted from), else the current directory. Under
 ``ray job submit --working-dir`` the current directory is Ray's temporary copy of the working
@@ -16,6 +20,8 @@ set (``check_output``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import fnmatch
 import json
 import os
@@ -34,10 +40,15 @@ RAY_PACKAGE_PREFIX = "_ray_pkg_"  # Ray's unpacked working_dir / py_modules pack
 
 
 COPY_CHUNK = 8 << 20  # bytes per streamed chunk in ``copy``
+LOCK_SUFFIX = ".lock"
 
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, unfinished, or was produced by a different config."""
+
+
+class ArtifactLockedError(ArtifactError):
+    """Another run is writing the same artifact."""
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -239,6 +250,128 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ----------------------------------------------------------------------------- writer lock
+
+# Locks this process holds: lock URI -> the descriptor holding its flock (local) or the token
+# its lock object carries (object stores).
+_HELD: dict[str, int | str] = {}
+
+
+def lock_uri(uri: str) -> str:
+    """The writer lock of the artifact at ``uri``: ``<output>.lock``, beside the artifact (a run
+    clears the artifact's directory, so the lock cannot live inside it)."""
+    return absolute_uri(uri).rstrip("/") + LOCK_SUFFIX
+
+
+def acquire_lock(uri: str) -> None:
+    """Make this process the only writer of the artifact at ``uri`` until ``release_lock``;
+    re-entrant within one process. Raises ArtifactLockedError naming the holder.
+
+    Local paths: ``<output>.lock`` is held with an exclusive ``flock`` and records the holder
+    (pid, host, time). The kernel drops the flock when the holder exits, so the lock file of a
+    run that died is taken over at once, with no race between two takers. On NFS this needs
+    working file locks (Linux maps flock onto NFS byte-range locks).
+
+    ``s3://`` / ``gs://``: pyarrow has no conditional (if-none-match) put, so the lock object
+    is written only where none exists and read back; two writers starting within one
+    round trip of each other can both pass. A lock object whose holder is a dead process on
+    this host is taken over; one left by a run that died elsewhere must be deleted by hand
+    (the error names it): a live holder cannot be told from a dead one from another host.
+    """
+    lock = lock_uri(uri)
+    if lock not in _HELD:
+        _HELD[lock] = _lock_object(lock, uri) if is_remote(lock) else _lock_file(resolve(lock)[1], uri)
+
+
+def release_lock(uri: str) -> None:
+    """Drop the lock ``acquire_lock`` took for ``uri`` in this process (no-op when none)."""
+    lock = lock_uri(uri)
+    if lock not in _HELD:
+        return
+    held = _HELD.pop(lock)
+    fs, path = resolve(lock)
+    if isinstance(held, int):
+        with contextlib.suppress(FileNotFoundError):  # deleted by hand meanwhile
+            os.unlink(path)  # before unlocking: a waiter that opened the file sees it is gone
+        os.close(held)
+    elif exists(lock) and json.loads(read_bytes(lock)).get("token") == held:
+        fs.delete_file(path)
+
+
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": platform.node(), "token": uuid.uuid4().hex,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _lock_file(path: str, uri: str) -> int:
+    """flock ``path`` (created if absent) and write this process in it; the open descriptor."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0)
+            os.close(fd)
+            raise ArtifactLockedError(_locked(uri, path, holder, "wait for it to finish or stop "
+                                              "it, or choose another run.output")) from None
+        if _same_file(fd, path):  # not unlinked by a holder releasing it just now
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(_holder()).encode())
+    return fd
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock_object(lock: str, uri: str) -> str:
+    """Write the lock object where none is held (see ``acquire_lock``), read it back; the token."""
+    hint = f"wait for it to finish, or delete {lock} if that run is gone"
+    found = read_bytes(lock) if exists(lock) else None
+    if found is not None and not _dead_here(found):
+        raise ArtifactLockedError(_locked(uri, lock, found, hint))
+    me = _holder()
+    write_json(lock, me)
+    found = read_bytes(lock)
+    if json.loads(found).get("token") != me["token"]:
+        raise ArtifactLockedError(_locked(uri, lock, found, hint))
+    return me["token"]
+
+
+def _dead_here(record: bytes) -> bool:
+    """Whether a lock record names a process of this host that no longer runs."""
+    try:
+        holder = json.loads(record)
+        pid = int(holder["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if holder.get("host") != platform.node():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return pid == os.getpid()  # this process's own lock from an attempt that did not finish
+
+
+def _locked(uri: str, lock: str, record: bytes, hint: str) -> str:
+    """One line: which artifact, who holds it, what to do."""
+    try:
+        h = json.loads(record)
+        who = f"pid {h['pid']} on {h['host']} since {h['since']}"
+    except (ValueError, KeyError, TypeError):
+        who = "a writer that is starting"
+    return f"{uri} is being written by another run ({who}; lock {lock}): {hint}"
+
+
 @dataclass
 class Artifact:
     """A stage's output directory, identified by URI."""
@@ -269,11 +402,17 @@ class Artifact:
         manifest = {"stage": stage, "config_hash": config_hash, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "versions": versions(), **fields, "config": config}
         write_json(self.manifest_uri, manifest)
+        release_lock(self.uri)
         return manifest
+
+    def lock(self) -> None:
+        """Become the artifact's only writer until ``write_manifest`` (``acquire_lock``)."""
+        acquire_lock(self.uri)
 
     def prepare(self, config_hash: str, force: bool) -> bool:
         """Decide whether the stage must run. Returns False when a finished artifact with the same
-        config exists (a no-op rerun). Clears partial or forced outputs before a run."""
+        config exists (a no-op rerun). Locks the artifact (refused while another run writes it)
+        and clears partial or forced outputs before a run."""
         if self.is_complete() and not force:
             found = self.manifest().get("config_hash")
             if found == config_hash:
@@ -282,5 +421,6 @@ class Artifact:
                 f"{self.uri} already holds a finished artifact from another config (hash {found}, "
                 f"now {config_hash}). Pass force=true to overwrite it, or choose another output URI."
             )
+        self.lock()
         delete_dir(self.uri)
         return True

@@ -51,7 +51,7 @@ def test_pipeline_end_to_end(ray_local, stories260k, tmp_path, capsys):
     assert data["read"] == 28 == data["kept"] + data["quarantined"] + data["filtered"]
     assert report["train"]["steps"] == 12 and "acc_0" in report["train"]["final"]
     assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
-    assert set(report["evaluate"]["tau"]) == {"head", "ngram", "head+ngram"}
+    assert set(report["evaluate"]["tau"]) == {"head", "ngram", "head+ngram", "corpus", "head+ngram+corpus"}
     points = report["loadtest"]["points"]
     assert [p["point"] for p in points] == ["c1", "c2"]
     for p in points:

@@ -59,7 +59,7 @@ def test_ids_are_stable_and_distinct():
     ({"foo": 1}, "unknown_shape"),
     ([1, 2], "unknown_shape"),
     ({"conversations": [{"from": "robot", "value": "beep"}]}, "unknown_role"),
-    ({"messages": [{"role": "tool", "content": "{}"}]}, "unknown_role"),
+    ({"messages": [{"role": "function", "content": "{}"}]}, "unknown_role"),
     ({"instruction": 5}, "non_string_content"),
 ])
 def test_unnormalizable_records_are_quarantined_with_raw(record, reason):

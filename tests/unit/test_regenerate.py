@@ -33,7 +33,8 @@ def test_multi_turn_regenerates_on_top_of_regenerated_history():
              [{"role": "user", "content": "c"}, {"role": "assistant", "content": None}]]
     seen = []
 
-    def prompt_ids(history):
+    def prompt_ids(history, tools):
+        assert tools is None
         seen.append([m["content"] for m in history])
         return [len(history)]
 
@@ -118,10 +119,10 @@ def test_reply_cache_resumes_and_keys_on_settings(tmp_path):
     uri = str(tmp_path / "cache")
     cfg = GenerationConfig(engine="hf")
     first = EchoBackend()
-    out, cached = regenerate_cached(convs[:2], first, lambda h: [len(h)], ReplyCache(uri, "t", cfg))
+    out, cached = regenerate_cached(convs[:2], first, lambda h, t: [len(h)], ReplyCache(uri, "t", cfg))
     assert cached == [False, False] and len(first.calls) == 1
     again = EchoBackend()
-    out2, cached2 = regenerate_cached(convs, again, lambda h: [len(h)], ReplyCache(uri, "t", cfg))
+    out2, cached2 = regenerate_cached(convs, again, lambda h, t: [len(h)], ReplyCache(uri, "t", cfg))
     assert cached2 == [True, True, False] and again.calls == [[[1]]]  # only "c" generated
     assert [r.messages for r in out2[:2]] == [r.messages for r in out]
     placement = cfg.model_copy(update={"batch_size": 64, "num_actors": 3})

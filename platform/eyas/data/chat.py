@@ -28,6 +28,16 @@ off: the generation prompt already holds ``<think>\n\n</think>\n\n``, so that bl
 masked 0, and only the answer and ``<|im_end|>`` are trained. In earlier turns the template drops
 R, as it does at serving time, so only their answer is trained.
 
+Tool use (``eyas.data.tools``). An assistant turn that calls tools (``tool_calls``) is a reply
+like any other: the template writes the call (Llama's ``{"name": ..., "parameters": ...}``,
+Qwen's ``<tool_call>...</tool_call>``) where the target writes it when served, so the call's
+text and its end-of-turn token are masked 1 (step 2 finds it by probing the turn with a text
+reply). Tool results (``tool`` messages) are input, masked 0 like user turns; the reply after
+them is served with the results in its prompt. The declared tools (``tools``) are passed to
+every rendering. A template that does not render declared tools, tool calls and tool results
+(probed once per template) cannot hold such a conversation: ``TemplateWithoutToolsError``,
+quarantine reason ``template_without_tools``.
+
 Dates: every rendering passes ``date_string=PINNED_DATE_STRING`` (Llama 3.1's own default), so
 templates that would print today's date (Llama 3.2+/4 via ``strftime_now``) render the same
 bytes on every run and in every prefix of one conversation. The date lines sit in the system
@@ -37,24 +47,38 @@ header, inside the serving prompt, so they are always masked 0.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from eyas.data.tools import order_error, turn_kind, uses_tools
 from eyas.data.validate import is_blank
 
-ROLES = ("system", "user", "assistant")
 # Llama 3.1's template default; pinned so renders are reproducible and prefix-consistent.
 PINNED_DATE_STRING = "26 Jul 2024"
 # Two distinct one-character replies: where a rendering with them differs from the real one is
 # where the real reply sits (two probes, so a reply sharing a first/last char with one is exact).
 _PROBES = ("\ue000", "\ue001")
 _CHUNK = 512  # characters compared at a time when diffing renderings
+# Turn kinds a conversation may end with: a reply to mask, or a history the target continues.
+_ENDS = {"assistant": ("assistant", "tool_call"), "user": ("user", "tool")}
+# Names no template writes by itself: a rendering holding them shows tools, calls and results.
+_TOOL_PROBES = ("eyas_probe_declared", "eyas_probe_called", "\ue002")
 
 
 class ChatTemplateError(ValueError):
-    """A conversation cannot be rendered or aligned with a chat template; the row is quarantined."""
+    """A conversation cannot be rendered or aligned with a chat template; the row is quarantined
+    with the reason ``code``."""
+
+    code = "template_error"
+
+
+class TemplateWithoutToolsError(ChatTemplateError):
+    """The conversation uses tools and the chat template cannot render them."""
+
+    code = "template_without_tools"
 
 
 @dataclass(frozen=True)
@@ -111,34 +135,39 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]],
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, Any]],
                           template_name: str = "", unfinished: Collection[int] = (),
-                          enable_thinking: bool | None = None) -> TokenizedConversation:
+                          enable_thinking: bool | None = None,
+                          tools: list[dict[str, Any]] | None = None) -> TokenizedConversation:
     """Render ``messages`` with the tokenizer's chat template, tokenize once, mask the replies.
 
-    messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, an optional system
-    message, then user/assistant alternating, ending with an assistant reply. ``template_name``
+    messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]``, an
+    optional system message, then user/assistant alternating, ending with an assistant turn; an
+    assistant turn may call tools (``tool_calls``, see ``eyas.data.tools``), followed by its
+    ``tool`` results. ``tools``: the declared tools, given to the template. ``template_name``
     (e.g. the tokenizer path) names the template in errors. ``unfinished``: indices among the
-    assistant replies (0 = the first reply) of replies cut by a token limit; their end-of-turn
-    token (and the whitespace before it) is masked 0, since the target never ended them.
+    assistant turns (0 = the first) of replies cut by a token limit; their end-of-turn token
+    (and the whitespace before it) is masked 0, since the target never ended them.
     ``enable_thinking``: the serving mode, passed to the template (None: the template's default;
     Qwen3 thinks). See the module docstring for the exact mask. Raises ChatTemplateError when the
-    conversation cannot be rendered or aligned.
+    conversation cannot be rendered or aligned (TemplateWithoutToolsError: it uses tools and the
+    template has no tool support).
     """
     name = _template_name(tokenizer, template_name)
-    _check_messages(tokenizer, messages, name, last_role="assistant")
-    full_text = _render(tokenizer, messages, name, add_generation_prompt=False, thinking=enable_thinking)
+    _check_messages(tokenizer, messages, name, last_role="assistant", tools=tools)
+    full_text = _render(tokenizer, messages, name, add_generation_prompt=False, thinking=enable_thinking,
+                        tools=tools)
     enc = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    prompts = [_serving_prompt_end(tokenizer, messages, i, full_text, ids, name, enable_thinking)
+    prompts = [_serving_prompt_end(tokenizer, messages, i, full_text, ids, name, enable_thinking, tools)
                for i in turns]
     control_ids = _control_token_ids(tokenizer)
     mask = [0] * len(ids)
     for k, turn in enumerate(turns):
         # The reply and its end-of-turn token must lie before the next turn's serving prompt ends.
         limit = prompts[k + 1].token if k + 1 < len(turns) else len(ids)
-        span = _reply_chars(tokenizer, messages, turn, full_text, name, enable_thinking)
+        span = _reply_chars(tokenizer, messages, turn, full_text, name, enable_thinking, tools)
         lo, reply_hi, hi = _reply_tokens(full_text, ids, offsets, prompts[k], span, limit, control_ids,
                                          _where(name, turn), enable_thinking)
         hi = reply_hi if k in unfinished else hi
@@ -146,31 +175,35 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]],
     return TokenizedConversation(input_ids=ids, loss_mask=mask)
 
 
-def generation_prompt_ids(tokenizer: Any, messages: list[dict[str, str]],
-                          template_name: str = "", enable_thinking: bool | None = None) -> list[int]:
+def generation_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]],
+                          template_name: str = "", enable_thinking: bool | None = None,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids the target is given to write the NEXT assistant turn after ``messages``.
 
-    ``messages`` is a history ending with a user turn; the result is that history rendered with
-    the template's generation prompt (template defaults, so Qwen3 thinks), tokenized exactly as
-    ``tokenize_conversation`` tokenizes the same prefix of a longer conversation.
+    ``messages`` is a history ending with a user turn or a tool result; the result is that
+    history rendered (with the declared ``tools``) and the template's generation prompt
+    (template defaults, so Qwen3 thinks), tokenized exactly as ``tokenize_conversation``
+    tokenizes the same prefix of a longer conversation.
     """
     name = _template_name(tokenizer, template_name)
-    _check_messages(tokenizer, messages, name, last_role="user")
+    _check_messages(tokenizer, messages, name, last_role="user", tools=tools)
     return _encode(tokenizer, _render(tokenizer, messages, name, add_generation_prompt=True,
-                                      thinking=enable_thinking))
+                                      thinking=enable_thinking, tools=tools))
 
 
-def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]],
-                        template_name: str = "", enable_thinking: bool | None = None) -> int:
+def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, Any]],
+                        template_name: str = "", enable_thinking: bool | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> int:
     """Tokens of the whole rendered conversation, to quarantine ones too long for the target.
 
-    A conversation ending with a user turn is counted with its generation prompt, since that is
-    what the target is given.
+    A conversation ending with a user turn (or a tool result) is counted with its generation
+    prompt, since that is what the target is given.
     """
     name = _template_name(tokenizer, template_name)
-    _check_messages(tokenizer, messages, name, last_role=None)
-    add_prompt = messages[-1]["role"] == "user"
-    return len(_encode(tokenizer, _render(tokenizer, messages, name, add_prompt, thinking=enable_thinking)))
+    _check_messages(tokenizer, messages, name, last_role=None, tools=tools)
+    add_prompt = turn_kind(messages[-1]) in _ENDS["user"]
+    return len(_encode(tokenizer, _render(tokenizer, messages, name, add_prompt, thinking=enable_thinking,
+                                          tools=tools)))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -194,36 +227,83 @@ def _check_tokenizer(tokenizer: Any, name: str) -> None:
                                 f"loss mask needs for character offsets: save it with tokenizer.json")
 
 
-def _check_messages(tokenizer: Any, messages: Sequence[dict[str, str]], name: str,
-                    last_role: str | None) -> None:
-    """Optional system, then user/assistant alternating from user; ``last_role`` if given."""
+def _check_messages(tokenizer: Any, messages: Sequence[dict[str, Any]], name: str,
+                    last_role: str | None, tools: list[dict[str, Any]] | None = None) -> None:
+    """Optional system, then user/assistant alternating from user, a tool call followed by its
+    results (``eyas.data.tools.FOLLOWS``); ending with a ``last_role`` turn if given (``_ENDS``);
+    tools only where the template renders them."""
     if not messages:
         raise ChatTemplateError(f"chat template {name!r}: the conversation has no messages")
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or set(msg) != {"role", "content"}:
-            raise ChatTemplateError(f"{_where(name, i)}: expected a dict with exactly the keys "
-                                    f"'role' and 'content', got {msg!r:.200}")
-        if not isinstance(msg["content"], str):
-            raise ChatTemplateError(f"{_where(name, i)}: content is "
-                                    f"{type(msg['content']).__name__}, not str")
-        expected = _expected_role(messages, i)
-        if msg["role"] != expected:
-            raise ChatTemplateError(f"{_where(name, i)}: role {msg['role']!r} where {expected!r} "
-                                    f"belongs (optional system, then user/assistant alternating)")
-        if msg["role"] == "assistant" and is_blank(msg["content"]):
-            raise ChatTemplateError(f"{_where(name, i)}: empty assistant reply; drop the turn")
-        _check_no_control_text(tokenizer, msg["content"], name, i)
-    if last_role is not None and messages[-1]["role"] != last_role:
+        _check_message(tokenizer, msg, name, i)
+    found = order_error(messages)
+    if found is not None:
+        i, allowed = found
+        raise ChatTemplateError(f"{_where(name, i)}: role {turn_kind(messages[i])!r} where "
+                                f"{' or '.join(map(repr, allowed))} belongs (optional system, then "
+                                f"user/assistant alternating; a tool call is followed by its results)")
+    if last_role is not None and turn_kind(messages[-1]) not in _ENDS[last_role]:
         raise ChatTemplateError(f"chat template {name!r}: the conversation must end with a "
-                                f"{last_role} turn, it ends with {messages[-1]['role']!r}")
+                                f"{last_role} turn ({' or '.join(_ENDS[last_role])}), it ends with "
+                                f"{turn_kind(messages[-1])!r}")
+    if uses_tools(messages, tools):
+        _check_tools(tokenizer, messages, tools, name)
 
 
-def _expected_role(messages: Sequence[dict[str, str]], i: int) -> str:
-    """The role message ``i`` must have: system may only come first."""
-    if i == 0 and messages[0].get("role") == "system":
-        return "system"
-    offset = 1 if messages[0].get("role") == "system" else 0
-    return "user" if (i - offset) % 2 == 0 else "assistant"
+def _check_message(tokenizer: Any, msg: Any, name: str, i: int) -> None:
+    """One message: its keys, string content, a non-empty reply, no control-token text."""
+    calls = isinstance(msg, dict) and msg.get("role") == "assistant" and "tool_calls" in msg
+    keys = {"role", "content", "tool_calls"} if calls else {"role", "content"}
+    if not isinstance(msg, dict) or set(msg) != keys:
+        raise ChatTemplateError(f"{_where(name, i)}: expected a dict with exactly the keys "
+                                f"'role' and 'content' (and 'tool_calls' on an assistant turn that "
+                                f"calls tools), got {msg!r:.200}")
+    if not isinstance(msg["content"], str):
+        raise ChatTemplateError(f"{_where(name, i)}: content is "
+                                f"{type(msg['content']).__name__}, not str")
+    if calls and not (isinstance(msg["tool_calls"], list) and msg["tool_calls"]):
+        raise ChatTemplateError(f"{_where(name, i)}: tool_calls must be a non-empty list, got "
+                                f"{msg['tool_calls']!r:.200}")
+    if msg["role"] == "assistant" and not calls and is_blank(msg["content"]):
+        raise ChatTemplateError(f"{_where(name, i)}: empty assistant reply; drop the turn")
+    _check_no_control_text(tokenizer, msg["content"], name, i)
+    if calls:
+        _check_no_control_text(tokenizer, json.dumps(msg["tool_calls"], ensure_ascii=False), name, i)
+
+
+def _check_tools(tokenizer: Any, messages: Sequence[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None, name: str) -> None:
+    """A conversation that uses tools needs a template that renders them, and no control text."""
+    if not _takes_tools(tokenizer, str(tokenizer.chat_template)):
+        calls = sum(turn_kind(m) == "tool_call" for m in messages)
+        results = sum(m["role"] == "tool" for m in messages)
+        raise TemplateWithoutToolsError(
+            f"chat template {name!r} has no tool support (it does not render declared tools, tool "
+            f"calls and tool results), and this conversation declares {len(tools or [])} tool(s), "
+            f"makes {calls} tool call(s) and has {results} tool result(s): use a target whose "
+            f"template takes tools, or leave tool-use data out of data.sources")
+    if tools:
+        _check_no_control_text(tokenizer, json.dumps(tools, ensure_ascii=False), name, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_tools(tokenizer: Any, template: str) -> bool:
+    """Whether ``template`` renders declared tools, an assistant's tool call and a tool result
+    (Llama 3.1/4, Qwen2.5/3 do; stories260k raises, a plain ChatML template drops them)."""
+    from jinja2.exceptions import TemplateError
+
+    declared, called, result = _TOOL_PROBES
+    tools = [{"type": "function", "function": {"name": declared, "description": "probe",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"type": "function", "function": {"name": called, "arguments": {}}}
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": result}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             date_string=PINNED_DATE_STRING)
+    except TemplateError:
+        return False
+    return all(probe in text for probe in _TOOL_PROBES)
 
 
 def _check_no_control_text(tokenizer: Any, content: str, name: str, i: int) -> None:
@@ -254,14 +334,16 @@ def _where(name: str, i: int) -> str:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], name: str,
-            add_generation_prompt: bool, thinking: bool | None = None) -> str:
-    """The template's text for ``messages``; template failures become ChatTemplateError."""
+def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], name: str,
+            add_generation_prompt: bool, thinking: bool | None = None,
+            tools: list[dict[str, Any]] | None = None) -> str:
+    """The template's text for ``messages`` (and the declared ``tools``); template failures
+    become ChatTemplateError."""
     from jinja2.exceptions import TemplateError
 
     try:
         extra = {} if thinking is None else {"enable_thinking": thinking}
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+        return tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
                                              date_string=PINNED_DATE_STRING, **extra)
     except TemplateError as exc:
@@ -294,16 +376,19 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 # ----------------------------------------------------------------------------- alignment
 
 
-def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
+def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, Any]], turn: int,
                         full_text: str, full_ids: list[int], name: str,
-                        thinking: bool | None = None) -> _Boundary:
+                        thinking: bool | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> _Boundary:
     """Where the prompt the target is given for reply ``turn`` ends in the whole conversation."""
-    text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=thinking)
+    text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=thinking,
+                   tools=tools)
     if thinking is False and not full_text.startswith(text):
         # Qwen3 with thinking off puts the empty block in the generation prompt but not before
         # earlier replies in the history: there the history's own rendering is what the target
         # reads (and what feature capture runs on), so the prompt without the block is used.
-        text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=True)
+        text = _render(tokenizer, messages[:turn], name, add_generation_prompt=True, thinking=True,
+                       tools=tools)
     if not full_text.startswith(text):
         at = _common_prefix_len(full_text, text)
         raise ChatTemplateError(
@@ -320,14 +405,17 @@ def _serving_prompt_end(tokenizer: Any, messages: Sequence[dict[str, str]], turn
     return _Boundary(char=len(text), token=len(ids))
 
 
-def _reply_chars(tokenizer: Any, messages: Sequence[dict[str, str]], turn: int,
-                 full_text: str, name: str, thinking: bool | None = None) -> tuple[int, int]:
-    """Character span ``[c0, c1)`` of reply ``turn`` as the template wrote it into ``full_text``."""
+def _reply_chars(tokenizer: Any, messages: Sequence[dict[str, Any]], turn: int,
+                 full_text: str, name: str, thinking: bool | None = None,
+                 tools: list[dict[str, Any]] | None = None) -> tuple[int, int]:
+    """Character span ``[c0, c1)`` of reply ``turn`` as the template wrote it into ``full_text``
+    (a tool call is probed with a text reply too: the span is then the call as written)."""
     starts, ends = [], []
     for probe in _PROBES:
         probed = list(messages)
         probed[turn] = {"role": "assistant", "content": probe}
-        text = _render(tokenizer, probed, name, add_generation_prompt=False, thinking=thinking)
+        text = _render(tokenizer, probed, name, add_generation_prompt=False, thinking=thinking,
+                       tools=tools)
         head = _common_prefix_len(full_text, text)
         tail = _common_suffix_len(full_text[head:], text[head:])
         starts.append(head)

@@ -1,10 +1,19 @@
 """Reading prompt files and normalizing their records to one conversation schema.
 
-Every record becomes a row ``{id, source, messages_json, status, reason, detail, raw_json, raw_sha256}``.
-``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str | None}``;
-``content=None`` on an assistant turn marks a reply still to be generated (MT-bench and plain
-prompt datasets carry no replies). ``status`` is ``ok`` or ``quarantined``; a quarantined row
-keeps its raw record and a reason code so nothing is lost silently.
+Every record becomes a row ``{id, source, messages_json, tools_json, status, reason, detail,
+raw_json, raw_sha256}``. ``messages`` is a list of ``{"role": "system"|"user"|"assistant",
+"content": str | None}``; ``content=None`` on an assistant turn marks a reply still to be
+generated (MT-bench and plain prompt datasets carry no replies). ``status`` is ``ok`` or
+``quarantined``; a quarantined row keeps its raw record and a reason code so nothing is lost
+silently.
+
+Tool use (ShareGPT ``function_call``/``observation`` turns as in glaive-function-calling, or
+OpenAI ``tool_calls``/``tool`` messages) becomes OpenAI-style messages: a call is
+``{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function":
+{"name": str, "arguments": dict}}]}``, a result ``{"role": "tool", "content": str}``. A record's
+``tools`` (a JSON string or a list of function definitions) becomes ``tools_json``, a JSON list
+of ``{"type": "function", "function": {...}}`` ("" when it declares none), which the chat
+template is given. Arguments are a dict, as Hugging Face chat templates render them.
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
-MESSAGE_ROLES = {"system", "user", "assistant"}
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "observation": "tool", "tool": "tool"}
+SHAREGPT_CALL = "function_call"  # a ShareGPT turn holding a tool call as JSON
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 PROMPT_KEYS = ("prompt", "question", "text")
 ID_KEYS = ("id", "question_id", "conversation_id", "uuid")
 
@@ -116,7 +127,11 @@ def _sharegpt(record: dict) -> list[dict[str, Any]]:
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn:
             raise RecordError("unknown_shape", f"conversations[{i}] has no 'from'")
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        source = str(turn["from"]).lower()
+        if source == SHAREGPT_CALL:
+            out.append(tool_call_message(turn.get("value")))
+            continue
+        role = SHAREGPT_ROLES.get(source)
         if role is None:
             raise RecordError("unknown_role", f"conversations[{i}].from={turn['from']!r}")
         out.append({"role": role, "content": turn.get("value")})
@@ -133,6 +148,10 @@ def _messages(record: dict) -> list[dict[str, Any]]:
             raise RecordError("unknown_shape", f"messages[{i}] has no 'role'")
         if msg["role"] not in MESSAGE_ROLES:
             raise RecordError("unknown_role", f"messages[{i}].role={msg['role']!r}")
+        if msg["role"] == "assistant" and msg.get("tool_calls"):
+            out.append({"role": "assistant", "content": msg.get("content") or "",
+                        "tool_calls": parse_tool_calls(msg["tool_calls"])})
+            continue
         out.append({"role": msg["role"], "content": msg.get("content")})
     return out
 
@@ -155,6 +174,61 @@ def _mt_bench(record: dict) -> list[dict[str, Any]]:
     return _turns_to_messages(record["turns"], "turns")
 
 
+# ----------------------------------------------------------------------------- tool use
+
+
+def parse_tools(value: Any) -> list[dict[str, Any]] | None:
+    """A record's ``tools`` (a JSON string or a list of function definitions) -> OpenAI-style
+    tools, or None when it declares none. Raises ``RecordError("invalid_tools")``."""
+    if value in (None, "", []):
+        return None
+    tools = _json_value(value, "invalid_tools", "tools")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("invalid_tools", f"tools is a {type(tools).__name__}, not a list of objects")
+    out = [t if "function" in t else {"type": "function", "function": t} for t in tools]
+    for i, tool in enumerate(out):
+        if not isinstance(tool["function"], dict) or not isinstance(tool["function"].get("name"), str):
+            raise RecordError("invalid_tools", f"tools[{i}] has no function name")
+    return out or None
+
+
+def tool_call_message(value: Any) -> dict[str, Any]:
+    """A ShareGPT ``function_call`` turn (``{"name", "arguments"}``, or a list of them, as JSON)
+    -> an assistant message with ``tool_calls``. Raises ``RecordError("invalid_tool_call")``."""
+    calls = _json_value(value, "invalid_tool_call", "function_call")
+    calls = calls if isinstance(calls, list) else [calls]
+    return {"role": "assistant", "content": "", "tool_calls": parse_tool_calls(calls)}
+
+
+def parse_tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """OpenAI ``tool_calls`` or bare ``{"name", "arguments"}`` calls -> normalized calls with
+    dict arguments. Raises ``RecordError("invalid_tool_call")``."""
+    if not isinstance(calls, list) or not calls:
+        raise RecordError("invalid_tool_call", "tool_calls must be a non-empty list")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RecordError("invalid_tool_call", f"tool call {i} has no function name: {call!r:.200}")
+        arguments = _json_value(function.get("arguments", {}), "invalid_tool_call",
+                                f"tool call {i} arguments")
+        if not isinstance(arguments, dict):
+            raise RecordError("invalid_tool_call",
+                              f"tool call {i} arguments are a {type(arguments).__name__}, not an object")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _json_value(value: Any, code: str, what: str) -> Any:
+    """``value`` itself, or the JSON it holds when it is a string."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RecordError(code, f"{what} is not valid JSON ({exc}): {value!r:.200}") from None
+
+
 CONVERTERS = {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca, "mt_bench": _mt_bench,
               "prompt": _prompt}
 
@@ -171,12 +245,14 @@ def record_id(source: str, record: Any, index: int) -> str:
 
 def normalize_record(record: Any, source: str, index: int, fmt: str = "auto") -> dict[str, Any]:
     """One raw record -> one row (``status`` ok or quarantined, never an exception)."""
-    row = {"id": record_id(source, record, index), "source": source, "messages_json": "",
+    row = {"id": record_id(source, record, index), "source": source, "messages_json": "", "tools_json": "",
            "status": "ok", "reason": "", "detail": "", "raw_json": "", "raw_sha256": ""}
     try:
         check_object(record)
         shape = detect_format(record) if fmt == "auto" else fmt
         row["messages_json"] = json.dumps(CONVERTERS[shape](record), ensure_ascii=False)
+        tools = parse_tools(record.get("tools"))
+        row["tools_json"] = json.dumps(tools, ensure_ascii=False) if tools else ""
     except (RecordError, KeyError) as exc:  # KeyError: a forced format's key is missing
         code, detail = (exc.code, exc.detail) if isinstance(exc, RecordError) else ("unknown_shape", repr(exc))
         raw = json.dumps(record, ensure_ascii=False, default=str)

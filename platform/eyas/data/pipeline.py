@@ -3,7 +3,8 @@
 Artifact layout (``run.output``)::
 
     data/*.parquet        id, source, input_ids, loss_mask, num_tokens, num_loss_tokens,
-                          messages_json (the final text conversation), finish_reasons
+                          messages_json (the final text conversation), tools_json (the tools
+                          it declares, "" when none), finish_reasons
     quarantine/*.parquet  id, source, file, line, status, reason, detail, raw_json, raw_sha256
                           (every row not kept; raw_json capped and PII-scrubbed like the data)
     pii_report.json       hits per info type, conversations redacted / dropped (no values)
@@ -25,7 +26,7 @@ from eyas.data.stages import PiiScrubber, Regenerator, Templater, Validator, rea
 
 PROMPT_SUFFIXES = (".jsonl", ".json", ".parquet")
 DATA_COLUMNS = ["id", "source", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "messages_json",
-                "finish_reasons"]
+                "tools_json", "finish_reasons"]
 QUARANTINE_COLUMNS = ["id", "source", "file", "line", "status", "reason", "detail", "raw_json", "raw_sha256"]
 LIGHT_CPUS = 0.25  # tokenizer/regex steps: let them share cores with the generation actors
 SUMMARY_COLUMNS = ["status", "reason", "pii_hits_json", "generated_tokens", "finish_reasons", "num_tokens",

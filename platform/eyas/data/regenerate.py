@@ -3,6 +3,11 @@
 Two backends share one interface, ``generate(prompts) -> generations``: transformers (CPU or
 GPU) and SGLang (GPU nodes, imported lazily). ``regenerate`` walks multi-turn conversations turn
 by turn, so every reply is generated on top of the already regenerated history.
+
+Tool use: only text replies are regenerated (``eyas.data.validate`` empties them); an assistant
+turn that calls a tool and the tool's results are kept as recorded, since the target cannot run
+the tools and a call of its own would have no result to continue from. The reply after a tool
+result is regenerated with that result (and the declared tools) in its prompt.
 """
 
 from __future__ import annotations
@@ -189,6 +194,10 @@ BACKENDS: dict[str, Callable[..., GenerationBackend]] = {
     "hf": HFBackend, "eyas": EyasBackend, "sglang": SGLangBackend}
 
 
+Tools = list[dict[str, Any]] | None  # one conversation's declared tools
+PromptIds = Callable[[list[dict[str, Any]], Tools], list[int]]
+
+
 @dataclass
 class Regenerated:
     """A conversation after regeneration, with one finish reason per generated turn."""
@@ -199,20 +208,23 @@ class Regenerated:
 
 
 def regenerate(conversations: list[list[dict[str, Any]]], backend: GenerationBackend,
-               prompt_ids: Callable[[list[dict[str, Any]]], list[int]]) -> list[Regenerated]:
+               prompt_ids: PromptIds, tools: list[Tools] | None = None) -> list[Regenerated]:
     """Fill every ``content=None`` assistant slot, turn by turn across the batch.
 
-    ``prompt_ids(history)`` renders a history ending on a user turn plus the generation prompt.
-    Round r generates the r-th reply of every conversation that has one, in one batched call.
+    ``prompt_ids(history, tools)`` renders a history ending on a user turn (or a tool result),
+    with the conversation's declared ``tools`` (one entry per conversation; None: none), plus
+    the generation prompt. Round r generates the r-th reply of every conversation that has one,
+    in one batched call.
     """
+    tools = tools or [None] * len(conversations)
     results = [Regenerated([dict(m) for m in conv], [], 0) for conv in conversations]
     while True:
-        pending = [(res, next(i for i, m in enumerate(res.messages) if m["content"] is None))
-                   for res in results if any(m["content"] is None for m in res.messages)]
+        pending = [(k, res, next(i for i, m in enumerate(res.messages) if m["content"] is None))
+                   for k, res in enumerate(results) if any(m["content"] is None for m in res.messages)]
         if not pending:
             return results
-        gens = backend.generate([prompt_ids(res.messages[:slot]) for res, slot in pending])
-        for (res, slot), gen in zip(pending, gens, strict=True):
+        gens = backend.generate([prompt_ids(res.messages[:slot], tools[k]) for k, res, slot in pending])
+        for (_, res, slot), gen in zip(pending, gens, strict=True):
             res.messages[slot]["content"] = gen.text
             res.finish_reasons.append(gen.finish_reason)
             res.generated_tokens += gen.num_tokens
@@ -241,20 +253,24 @@ class ReplyCache:
                 self.known[item["key"]] = Regenerated(item["messages"], item["finish_reasons"],
                                                       item["generated_tokens"])
 
-    def key(self, conversation: list[dict[str, Any]]) -> str:
+    def key(self, conversation: list[dict[str, Any]], tools: Tools = None) -> str:
+        """The conversation's key; its declared tools count only when it has some (so keys of
+        conversations without tools are those of earlier runs)."""
         text = self.salt + json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+        if tools:
+            text += json.dumps(tools, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def get(self, conversation: list[dict[str, Any]]) -> Regenerated | None:
-        return self.known.get(self.key(conversation))
+    def get(self, conversation: list[dict[str, Any]], tools: Tools = None) -> Regenerated | None:
+        return self.known.get(self.key(conversation, tools))
 
-    def put(self, pairs: list[tuple[list[dict[str, Any]], Regenerated]]) -> None:
-        """Persist a batch of (input conversation, result); one atomic file per batch."""
+    def put(self, items: list[tuple[list[dict[str, Any]], Tools, Regenerated]]) -> None:
+        """Persist a batch of (input conversation, its tools, result); one atomic file per batch."""
         from eyas import storage
 
-        if not self.uri or not pairs:
+        if not self.uri or not items:
             return
-        keyed = {self.key(conv): res for conv, res in pairs}
+        keyed = {self.key(conv, tools): res for conv, tools, res in items}
         items = [{"key": key, "messages": res.messages, "finish_reasons": res.finish_reasons,
                   "generated_tokens": res.generated_tokens} for key, res in keyed.items()]
         name = hashlib.sha256("".join(keyed).encode()).hexdigest()[:24]
@@ -263,13 +279,15 @@ class ReplyCache:
 
 
 def regenerate_cached(conversations: list[list[dict[str, Any]]], backend: GenerationBackend,
-                      prompt_ids: Callable[[list[dict[str, Any]]], list[int]],
-                      cache: ReplyCache) -> tuple[list[Regenerated], list[bool]]:
+                      prompt_ids: PromptIds, cache: ReplyCache,
+                      tools: list[Tools] | None = None) -> tuple[list[Regenerated], list[bool]]:
     """``regenerate`` for the conversations the cache lacks; returns all results in order and,
     per conversation, whether it came from the cache."""
-    found = [cache.get(c) for c in conversations]
-    todo = [c for c, hit in zip(conversations, found, strict=True) if hit is None]
-    fresh = iter(regenerate(todo, backend, prompt_ids) if todo else [])
+    tools = tools or [None] * len(conversations)
+    found = [cache.get(c, t) for c, t in zip(conversations, tools, strict=True)]
+    todo = [k for k, hit in enumerate(found) if hit is None]
+    fresh = iter(regenerate([conversations[k] for k in todo], backend, prompt_ids,
+                            [tools[k] for k in todo]) if todo else [])
     results = [hit if hit is not None else next(fresh) for hit in found]
-    cache.put([(c, r) for c, r, hit in zip(conversations, results, found, strict=True) if hit is None])
+    cache.put([(conversations[k], tools[k], results[k]) for k in todo])
     return results, [hit is not None for hit in found]

@@ -25,21 +25,22 @@ from eyas.data.normalize import (
     parse_file_lines,
     sha256_text,
 )
+from eyas.data.tools import merge_pii_texts, pii_texts, text_reply_positions
 from eyas.data.validate import is_blank, validate_messages
 from eyas.runtime import actor_threads, use_torch_threads
 from eyas.targets import resolve_target
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("file", pa.string()), ("line", pa.int64()),
-    ("messages_json", pa.string()),
+    ("messages_json", pa.string()), ("tools_json", pa.string()),
     ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("raw_json", pa.string()),
     ("raw_sha256", pa.string()),
     ("pii_hits_json", pa.string()), ("generated_tokens", pa.int64()), ("finish_reasons", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
     ("num_tokens", pa.int32()), ("num_loss_tokens", pa.int32()),
 ])
-DEFAULTS: dict[str, Any] = {"file": "", "line": 0, "messages_json": "", "status": "ok", "reason": "",
-                            "detail": "", "raw_json": "", "raw_sha256": "",
+DEFAULTS: dict[str, Any] = {"file": "", "line": 0, "messages_json": "", "tools_json": "", "status": "ok",
+                            "reason": "", "detail": "", "raw_json": "", "raw_sha256": "",
                             "pii_hits_json": "{}", "generated_tokens": 0, "finish_reasons": "",
                             "input_ids": [], "loss_mask": [], "num_tokens": 0, "num_loss_tokens": 0}
 
@@ -59,13 +60,21 @@ def set_status(row: dict[str, Any], status: str, reason: str, detail: str) -> No
     """Mark a row quarantined/filtered, keeping what it held (capped at ``RAW_JSON_CAP``
     characters, with the whole text's sha256) so it can be written with its reason."""
     if not row["raw_json"]:
-        row["raw_json"] = row["messages_json"][:RAW_JSON_CAP]
-        row["raw_sha256"] = sha256_text(row["messages_json"])
+        raw = row["messages_json"]
+        if row.get("tools_json"):  # the declared tools are part of the conversation
+            raw = f'{{"messages": {raw}, "tools": {row["tools_json"]}}}'
+        row["raw_json"] = raw[:RAW_JSON_CAP]
+        row["raw_sha256"] = sha256_text(raw)
     row.update(status=status, reason=reason, detail=detail[:2000])
 
 
 def messages_of(row: dict[str, Any]) -> list[dict[str, Any]]:
     return json.loads(row["messages_json"])
+
+
+def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tools the conversation declares (``eyas.data.normalize``), or None."""
+    return json.loads(row["tools_json"]) if row.get("tools_json") else None
 
 
 def count_rows(stage: str, rows: list[dict[str, Any]]) -> None:
@@ -129,9 +138,9 @@ class Validator:
         row["messages_json"] = json.dumps(messages, ensure_ascii=False)
         try:  # one rendering (linear in the record); the Templater aligns the mask per turn later
             n = self.count(self.tokenizer, fill_slots(messages), self.template_name,
-                           enable_thinking=self.cfg.template.enable_thinking)
-        except self.template_error as exc:
-            raise RecordError("template_error", str(exc)) from exc
+                           enable_thinking=self.cfg.template.enable_thinking, tools=tools_of(row))
+        except self.template_error as exc:  # template_error, or template_without_tools
+            raise RecordError(exc.code, str(exc)) from exc
         if n > self.cfg.max_length:
             raise RecordError("too_long", f"{n} tokens before any reply > data.max_length={self.cfg.max_length}")
 
@@ -167,7 +176,7 @@ class PiiScrubber:
         live = [r for r in rows if r["status"] == "ok"]
         if self.backend is not None and live:
             convs = [messages_of(r) for r in live]
-            texts = [[m for m in c if m["content"] is not None] for c in convs]
+            texts = [pii_texts(c) for c in convs]
             for row, conv, result in zip(live, convs, scrub_conversations(texts, self.backend, self.cfg.pii), strict=True):
                 self._apply(row, conv, result)
         held = [r for r in rows if r["status"] == "quarantined" and (r["raw_json"] or r["detail"])]
@@ -189,11 +198,11 @@ class PiiScrubber:
         row["pii_hits_json"] = json.dumps(result.hits)
         for info_type, n in result.hits.items():
             metrics.inc("eyas_data_pii_hits_total", n, "PII findings by info type", info_type=info_type)
-        if result.dropped:
-            row.update(status="filtered", reason="pii_drop", detail=result.reason, messages_json="", raw_json="")
+        merged = None if result.dropped else merge_pii_texts(conv, result.messages)
+        if merged is None:
+            detail = result.reason or "redacting PII broke the JSON of a tool call's arguments"
+            row.update(status="filtered", reason="pii_drop", detail=detail, messages_json="", raw_json="")
             return
-        redacted = iter(result.messages)
-        merged = [m if m["content"] is None else next(redacted) for m in conv]
         row["messages_json"] = json.dumps(merged, ensure_ascii=False)
 
 
@@ -210,8 +219,8 @@ class Regenerator:
         model_path = resolve_target(cfg.target, "data.target")
         self.backend = BACKENDS[self.cfg.engine](model_path, self.tokenizer, self.cfg)
         thinking = cfg.template.enable_thinking
-        self.prompt_ids = lambda history: generation_prompt_ids(self.tokenizer, history,
-                                                                enable_thinking=thinking)
+        self.prompt_ids = lambda history, tools: generation_prompt_ids(self.tokenizer, history,
+                                                                       enable_thinking=thinking, tools=tools)
         self.done = 0  # conversations this actor regenerated (its progress line)
         self.cache = ReplyCache(cache_uri, cfg.target, self.cfg)
 
@@ -223,7 +232,7 @@ class Regenerator:
         live = [r for r in rows if r["status"] == "ok"]
         start = time.perf_counter()
         results, cached = regenerate_cached([messages_of(r) for r in live], self.backend,
-                                            self.prompt_ids, self.cache)
+                                            self.prompt_ids, self.cache, [tools_of(r) for r in live])
         for row, res in zip(live, results, strict=True):
             row.update(messages_json=json.dumps(res.messages, ensure_ascii=False),
                        finish_reasons=",".join(res.finish_reasons), generated_tokens=res.generated_tokens)
@@ -243,7 +252,8 @@ class Regenerator:
         elif "length" in res.finish_reasons and not self.cfg.keep_truncated:
             set_status(row, "filtered", "truncated_reply",
                        f"a reply hit generation.max_new_tokens={self.cfg.max_new_tokens}")
-        elif any(m["role"] == "assistant" and is_blank(m["content"]) for m in res.messages):
+        elif any(m["role"] == "assistant" and not m.get("tool_calls") and is_blank(m["content"])
+                 for m in res.messages):
             set_status(row, "filtered", "empty_reply", "the target produced an empty reply")
 
     @staticmethod
@@ -275,12 +285,15 @@ class Templater:
     def _tokenize(self, row: dict[str, Any]) -> None:
         # Replies cut by max_new_tokens (kept when generation.keep_truncated): the target never
         # ended those turns, so their end-of-turn token is not trained (masked 0).
-        cut = {k for k, reason in enumerate(row["finish_reasons"].split(",")) if reason == "length"}
+        # Finish reasons are per generated reply: the text replies, not the kept tool calls.
+        messages = messages_of(row)
+        replies = text_reply_positions(messages)
+        cut = {replies[k] for k, reason in enumerate(row["finish_reasons"].split(",")) if reason == "length"}
         try:
-            tok = self.tokenize(self.tokenizer, messages_of(row), self.template_name, unfinished=cut,
-                                enable_thinking=self.cfg.template.enable_thinking)
+            tok = self.tokenize(self.tokenizer, messages, self.template_name, unfinished=cut,
+                                enable_thinking=self.cfg.template.enable_thinking, tools=tools_of(row))
         except self.template_error as exc:
-            set_status(row, "quarantined", "template_error", str(exc))
+            set_status(row, "quarantined", exc.code, str(exc))
             return
         if tok.num_tokens > self.cfg.max_length:
             set_status(row, "quarantined", "too_long", f"{tok.num_tokens} tokens > data.max_length={self.cfg.max_length}")

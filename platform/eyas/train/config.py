@@ -62,6 +62,9 @@ class TrainConfig(StrictModel):
     # (eyas_train_*) are published every step regardless.
     report_every: int = Field(default=10, ge=1)
     export_dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # <draft>/ngram_store.npz: contexts of 2..N tokens of the train split and their most frequent
+    # next token, for the eyas engine's corpus branch (speculative.corpus_tokens); 0 = none.
+    ngram_store_max_n: int = Field(default=6, ge=0)
     fault_injection_step: int | None = Field(default=None, ge=1)  # TEST HOOK: rank 0 exits once here
 
     @model_validator(mode="after")

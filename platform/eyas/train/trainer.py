@@ -23,6 +23,7 @@ from eyas import storage
 from eyas.config import config_hash
 from eyas.draft.model import DraftConfig, default_aux_layer_ids, text_config
 from eyas.draft.vocab import build_vocab_mapping, load_vocab_mapping
+from eyas.engine.ngram_store import write_store
 from eyas.train.checkpoint import read_train_state
 from eyas.train.config import TrainJobConfig
 from eyas.train.data import (
@@ -59,11 +60,13 @@ def absolute(uri: str) -> str:
 def prepare_run(artifact: storage.Artifact, chash: str, force: bool) -> bool:
     """False when a finished artifact with this config exists (no-op). A finished artifact of
     another config is an error unless ``force`` (which clears it); an unfinished one is KEPT:
-    its checkpoints are the resume point."""
+    its checkpoints are the resume point. Locks the artifact before a run (one writer)."""
     if force:
+        artifact.lock()
         storage.delete_dir(artifact.uri)
         return True
     if not artifact.is_complete():
+        artifact.lock()
         return True
     found = artifact.manifest().get("config_hash")
     if found == chash:
@@ -220,7 +223,12 @@ def export_result(cfg: TrainJobConfig, result: Any, plan: HeadPlan, target: str)
     with result.checkpoint.as_directory() as directory:
         state = read_train_state(directory)
         draft = draft_from_checkpoint(directory, plan.config)
-    files = export_draft(draft, storage.join(cfg.run.output, DRAFT_DIR), target, cfg.train.export_dtype)
+    draft_dir = storage.join(cfg.run.output, DRAFT_DIR)
+    files = export_draft(draft, draft_dir, target, cfg.train.export_dtype)
+    if cfg.train.ngram_store_max_n and cfg.features.mode == "offline":  # online: no stored split
+        uri, contexts = write_store(cfg.features.artifact, draft_dir, cfg.train.ngram_store_max_n)
+        print(f"[eyas.train] n-gram store of the train split: {contexts:,} contexts -> {uri}", flush=True)
+        files.append(uri)
     if cfg.train.num_workers == 0:  # local mode keeps its last checkpoint in a temp dir
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     return dataclasses.asdict(state), files
