@@ -2,10 +2,13 @@
 
 A copy of the checkout (``jobs/``, ``platform/``, ``.gitignore``, with ``../shared`` beside it)
 is submitted with ``working_dir`` and ``{"env_vars": {"EYAS_HOME": <checkout>}}`` through the
-Jobs API: prepare_data -> extract_features -> train_draft (4 steps) on stories260k with the
-configs' default RELATIVE outputs. The artifacts must land in ``<checkout>/artifacts/...`` (not
-in Ray's ``_ray_pkg_`` copy) and survive stopping the cluster. Without ``EYAS_HOME`` the same
-submission fails with one line naming ``run.output``.
+Jobs API: prepare_data -> extract_features -> train_draft (4 steps) -> evaluate_draft on
+stories260k with the configs' default RELATIVE outputs, then the pipeline line (serve + load test
+stages: the job serves both apps itself, the EAGLE-3 app behind a key read from a file). The
+artifacts must land in ``<checkout>/artifacts/...`` (not in Ray's ``_ray_pkg_`` copy) and survive
+stopping the cluster. Without ``EYAS_HOME`` the same submission fails with one line naming
+``run.output``. The key must appear in no dashboard API answer, not in `ray list actors --detail`
+and in no file of the cluster's session.
 
 The head is private: its own ``--temp-dir`` and free ports, started with ``--block`` in its own
 session; it is stopped by signalling that session and then only the processes whose command line
@@ -35,6 +38,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+API_KEY = "eyas-test-key-7f3a9c"
 
 
 def make_checkout(base: Path) -> Path:
@@ -131,6 +135,47 @@ def submit(client, checkout: Path, args: list[str], env_vars: dict[str, str] | N
     pytest.fail(f"job {args[0]} still running after {timeout_s}s:\n{client.get_job_logs(job)[-3000:]}")
 
 
+def secret(tmp_path: Path) -> Path:
+    key_file = tmp_path / "secrets" / "api_key"
+    key_file.parent.mkdir()
+    key_file.write_text(API_KEY + "\n")
+    return key_file
+
+
+def pipeline_args(serve_port: int, key_file: Path) -> list[str]:
+    """The README's pipeline line on the smoke config, serve + load test only, over the artifacts
+    the single-stage jobs left in ``artifacts/`` (small load, a free port, a key on EAGLE-3)."""
+    url = f"http://127.0.0.1:{serve_port}"
+    endpoints = [{"name": "baseline", "url": f"{url}/baseline/v1", "model": "stories260k"},
+                 {"name": "eagle3", "url": f"{url}/eagle3/v1", "model": "stories260k",
+                  "api_key_file": str(key_file)}]
+    return ["jobs/pipeline.py", "--config", "jobs/configs/pipeline_stories260k.yaml", "run.output=artifacts",
+            "stages=[loadtest]", f"serve.port={serve_port}", f"serve.eagle3.api_key_file={key_file}",
+            f"loadtest.endpoints={json.dumps(endpoints)}", "loadtest.concurrencies=[1]",
+            "loadtest.requests_per_point=4", "loadtest.max_tokens=16"]
+
+
+def assert_key_not_exposed(dashboard_port: int, temp_dir: str) -> None:
+    """The EAGLE-3 app's key (read from a file) is in no dashboard API answer, not in
+    `ray list actors --detail`, and in no file of the Ray session."""
+    import httpx
+
+    api = f"http://127.0.0.1:{dashboard_port}"
+    for path in ("/api/v0/actors?detail=true&limit=1000", "/api/v0/tasks?detail=true&limit=1000",
+                 "/api/v0/placement_groups?detail=true", "/api/serve/applications/", "/api/jobs/"):
+        answer = httpx.get(api + path, timeout=60)
+        assert answer.status_code == 200, (path, answer.status_code)
+        assert API_KEY not in answer.text, path
+    listed = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--detail", "--address", api],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "ServeReplica" in listed.stdout, listed.stderr[-2000:]
+    assert API_KEY not in listed.stdout + listed.stderr
+    needle = API_KEY.encode()
+    leaks = [str(p) for p in Path(temp_dir).rglob("*") if p.is_file() and not p.is_symlink()
+             and p.stat().st_size < 200 << 20 and needle in p.read_bytes()]
+    assert not leaks, leaks
+
+
 def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
     checkout = make_checkout(tmp_path / "work")
     temp_dir = tempfile.mkdtemp(prefix="eyasray-", dir="/tmp")  # short: Ray's socket paths live there
@@ -166,6 +211,18 @@ def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
             "train.shuffle_buffer=4"], env_vars=home)
         assert status == "SUCCEEDED", logs[-5000:]
         assert f'"draft": "{checkout / "artifacts" / "train" / "draft"}"' in logs
+
+        status, logs = submit(client, checkout, [
+            "jobs/evaluate_draft.py", "--config", "jobs/configs/evaluate_draft.yaml", "evaluate.max_depth=2",
+            "evaluate.max_rows=4", "evaluate.max_length=64"], env_vars=home)
+        assert status == "SUCCEEDED", logs[-5000:]
+
+        # The pipeline's serve stage under a job: both apps served by the job itself (the EAGLE-3
+        # one behind a key read from a file, its draft a relative path resolved by the replicas
+        # against EYAS_HOME), the load test against them, the apps deleted at the end.
+        status, logs = submit(client, checkout, pipeline_args(free_port(), secret(tmp_path)), env_vars=home)
+        assert status == "SUCCEEDED", logs[-5000:]
+        assert_key_not_exposed(port, temp_dir)
         jobs_s = time.time() - started
     finally:
         stop_head(proc, temp_dir)
@@ -180,6 +237,11 @@ def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
         assert list((art / "features" / "train").glob("*.parquet"))
         assert (art / "train" / "draft" / "model.safetensors").is_file()
         assert json.loads((art / "train" / "manifest.json").read_text())["steps"] == 4
+        assert (art / "evaluate" / "manifest.json").is_file()
+        rows = json.loads((art / "loadtest" / "summary.json").read_text())["rows"]
+        assert [(r["endpoint"], r["completed"], r["failed"]) for r in rows] == [("baseline", 4, 0),
+                                                                                ("eagle3", 4, 0)]
+        assert (art / "report.json").is_file()
         # ... and nothing was written into Ray's package copy of the working dir.
         packages = list(Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
         assert not [p for p in packages if (p / "artifacts").exists()]

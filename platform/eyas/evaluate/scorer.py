@@ -130,7 +130,7 @@ class AcceptanceScorer:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         local = download_dir(draft_uri, tempfile.mkdtemp(prefix="eyas-eval-draft-"))
         self.draft = Eagle3Draft.from_pretrained(local, dtype=torch.float32).to(self.device).eval()
-        self.store = draft_store(local)
+        self.store = draft_store(str(local))
         embed, lm_head, _ = load_target_head(target_dir)
         self.embed = embed.float().to(self.device)
         self.lm_head = lm_head.float().to(self.device)
