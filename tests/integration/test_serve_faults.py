@@ -107,11 +107,14 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     failed = [r for r in records if not r.ok]
     kinds = {(r.error_kind, r.http_status, r.error) for r in failed}
     assert failed, "the kill failed no request: the replica was idle or not killed"
-    # Lost with the replica, all counted as replica_lost: those still waiting in it get Ray's
+    # Lost with the replica, counted as replica_lost: those still waiting in it get Ray's
     # plain-text 500; those it was already streaming (200 sent, at most max_ongoing_requests)
-    # are cut mid-body.
+    # are cut mid-body. Rarely Ray's proxy answers one it was still handing over with its own
+    # plain-text 408 ("Request <id> timed out", http_util.get_http_response_status on a
+    # TimeoutError): an answer of the proxy, not of the app, so it keeps its http_408 kind.
     lost = [r for r in failed if r.error_kind == "replica_lost"]
-    assert len(lost) == len(failed), kinds
+    proxy_408 = [r for r in failed if r.error_kind == "http_408" and "timed out" in r.error]
+    assert len(lost) + len(proxy_408) == len(failed), kinds
     cut = [r for r in lost if r.http_status == 200]
     assert all(r.http_status == 500 and not r.chunk_times_s for r in lost if r not in cut), kinds
     assert len(cut) <= MAX_ONGOING, kinds
@@ -133,7 +136,9 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     assert back - kill_start <= RECOVERY_BOUND_S, back - kill_start
     row = summarize(records)
     assert row["replica_lost"] == len(lost) and row["recovery_s"] == rec
-    assert row["errors_by_kind"] == {"replica_lost": len(lost)}
+    assert row["errors_by_kind"] == {k: v for k, v in
+                                     (("http_408", len(proxy_408)), ("replica_lost", len(lost)))
+                                     if v}
 
     # Serve replaced the replica; the app answers normally.
     replacement = replica_names()
