@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_chat_mask import mask_runs
 
 from eyas.data.chat import (
     PINNED_DATE_STRING,
@@ -79,18 +80,6 @@ def call_text(name: str, args: dict[str, Any]) -> str:
         return "<tool_call>\n" + body.replace("{key}", "arguments") + "\n</tool_call>"
     python = "<|python_start|><|python_end|>" if name == "llama-4-scout-instruct" else ""
     return python + body.replace("{key}", "parameters")
-
-
-def mask_runs(mask: list[int]) -> list[tuple[int, int]]:
-    """Maximal [start, end) runs of 1s."""
-    runs, start = [], None
-    for i, m in enumerate([*mask, 0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def covering(tok: Any, text: str, needle: str, after: int = 0) -> set[int]:

@@ -175,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="draft directory (config.json + model.safetensors)")
     parser.add_argument("--target", default=None, help="target model directory to compare sizes")
     args = parser.parse_args(argv)
-    problems = check_draft_dir(args.directory, args.target)
+    return print_outcome(args.directory, check_draft_dir(args.directory, args.target), "OK")
+
+
+def print_outcome(directory: str, problems: list[str], ok: str) -> int:
+    """Print a directory's problems (or ``ok``); the exit status: 1 when there are problems."""
     if problems:
-        print(f"{args.directory}: {len(problems)} problem(s)")
+        print(f"{directory}: {len(problems)} problem(s)")
         for problem in problems:
             print(f"  - {problem}")
         return 1
-    print(f"{args.directory}: OK")
+    print(f"{directory}: {ok}")
     return 0
 
 

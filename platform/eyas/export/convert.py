@@ -18,7 +18,7 @@ from pathlib import Path
 
 from eyas import storage
 from eyas.draft.model import DraftConfig
-from eyas.export.check import check_draft_dir
+from eyas.export.check import check_draft_dir, print_outcome
 from eyas.export.writer import CONFIG_FILE, SERVERS, WEIGHTS_FILE, write_config
 
 
@@ -46,13 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=None, help="target model directory to check sizes against")
     args = parser.parse_args(argv)
     problems = convert_draft(args.src, args.dest, args.server, args.target)
-    if problems:
-        print(f"{args.dest}: not written, {len(problems)} problem(s)")
-        for problem in problems:
-            print(f"  - {problem}")
-        return 1
-    print(f"{args.dest}: written for {args.server}")
-    return 0
+    label = f"{args.dest} (not written)" if problems else args.dest
+    return print_outcome(label, problems, f"written for {args.server}")
 
 
 if __name__ == "__main__":
