@@ -46,7 +46,7 @@ PROMPTS = "assets:datasets/prompts/vicuna_bench_question.jsonl"  # held out of t
 SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None), "chain 5/1/6": (5, 1, 6, 0, 0, None),
             "chain 7/1/8": (7, 1, 8, 0, 0, None), "tree 5/4/8": (5, 4, 8, 0, 0, None),
             "tree 6/2/8": (6, 2, 8, 0, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, 0, None),
-            "chain 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None),
+            "chain 4/1/5 +ngram 4": (4, 1, 5, 4, 0, None), "chain 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None),
             "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 0, 1),
             "chain 3/1/4 +ngram 4 +corpus 4": (3, 1, 4, 4, 4, None),
             "chain 4/1/5 +ngram 4 +corpus 4": (4, 1, 5, 4, 4, None),
