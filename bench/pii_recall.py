@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = (time.perf_counter() - t0) * 1000 / len(samples)
         false = false_redactions(backend, sentences)
         print(f"\nmin_score={min_score}, NER model: {getattr(backend, 'ner_model', None) or 'none'}; "
-              f"{len(samples)} labelled sentences ({ms:.1f} ms each), {len(sentences)} non-PII sentences")
+              f"{len(samples)} labelled sentences ({ms:.1f} ms each, {1000 / ms:.0f}/s), "
+              f"{len(sentences)} non-PII sentences")
         print(f"{'info type':<46} {'support':>7} {'recall':>6} {'prec':>6} {'pred':>5} {'false/1k':>8}")
         for t in sorted(set(report) | set(false)):
             row = report.get(t, {"recall": math.nan, "precision": math.nan, "support": 0.0, "predicted": 0.0})

