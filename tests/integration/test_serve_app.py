@@ -146,7 +146,8 @@ def test_eagle3_greedy_equals_baseline(urls) -> None:
     assert info["avg_spec_accept_length"] >= 1.0
     assert info["backend_info"]["speculative"] == {"algorithm": "EAGLE3", "num_steps": 3,
                                                    "eagle_topk": 2, "num_draft_tokens": 5,
-                                                   "ngram_tokens": 0, "max_speculative_batch": None}
+                                                   "ngram_tokens": 0, "corpus_tokens": 0,
+                                                   "max_speculative_batch": None}
 
 
 def test_concurrent_requests_equal_sequential(urls) -> None:

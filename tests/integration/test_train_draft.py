@@ -124,7 +124,8 @@ def test_stopped_job_restarts_at_its_checkpoint_with_identical_losses(ray_local,
     assert [s["step"] for s in resumed["last_steps"]] == [s["step"] for s in reference["last_steps"]] == [5, 6]
     got, want = [s["loss"] for s in resumed["last_steps"]], [s["loss"] for s in reference["last_steps"]]
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)  # the same model, optimizer, lr and batches
-    assert storage.list_files(f"{out}/draft") == [f"{out}/draft/config.json", f"{out}/draft/model.safetensors"]
+    assert storage.list_files(f"{out}/draft") == [f"{out}/draft/config.json", f"{out}/draft/model.safetensors",
+                                                  f"{out}/draft/ngram_store.npz"]  # written to s3 too
     assert storage.exists(f"{out}/checkpoints/run") and storage.exists(f"{out}/vocab_mapping.safetensors")
 
 
