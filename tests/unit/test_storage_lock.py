@@ -3,11 +3,13 @@ that died is taken over; the manifest releases it (local paths; S3 in integratio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,19 +27,26 @@ def dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
-    uri = str(tmp_path / "art")
+@contextlib.contextmanager
+def held_by_another_process(uri: str) -> Iterator[subprocess.Popen]:
+    """A child process holding the writer lock of ``uri`` until the block ends."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    uri = str(tmp_path / "art")
+    with held_by_another_process(uri) as holder:
         with pytest.raises(ArtifactLockedError) as err:
             Artifact(uri).prepare("h", force=False)
         message = str(err.value)
         assert "\n" not in message and uri in message and f"pid {holder.pid} on {platform.node()}" in message
-    finally:
-        holder.stdin.close()
-        holder.wait(30)
     # The holder is gone: its lock is taken over at once.
     assert Artifact(uri).prepare("h", force=False) is True
 
@@ -57,14 +66,8 @@ def test_a_stale_lock_is_taken_over_and_the_manifest_releases_it(tmp_path):
 
 def test_the_holders_data_survives_a_refused_writer(tmp_path):
     uri = str(tmp_path / "art")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, uri], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(uri):
         storage.write_bytes(storage.join(uri, "shard-0.bin"), b"x")  # the holder's partial output
         with pytest.raises(ArtifactLockedError):
             Artifact(uri).prepare("h", force=True)
         assert (tmp_path / "art" / "shard-0.bin").read_bytes() == b"x"
-    finally:
-        holder.stdin.close()
-        holder.wait(30)
