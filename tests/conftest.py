@@ -67,6 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def files_containing(root: Path, needle: str) -> list[str]:
+    """Every regular file under ``root`` (below 200 MB, links skipped) whose bytes hold ``needle``."""
+    data = needle.encode()
+    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            and p.stat().st_size < 200 << 20 and data in p.read_bytes()]
+
+
 def weed_binary() -> str | None:
     cand = Path(sys.executable).parent / "weed"
     return str(cand) if cand.exists() else shutil.which("weed")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import files_containing, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -170,10 +170,7 @@ def assert_key_not_exposed(dashboard_port: int, temp_dir: str) -> None:
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "ServeReplica" in listed.stdout, listed.stderr[-2000:]
     assert API_KEY not in listed.stdout + listed.stderr
-    needle = API_KEY.encode()
-    leaks = [str(p) for p in Path(temp_dir).rglob("*") if p.is_file() and not p.is_symlink()
-             and p.stat().st_size < 200 << 20 and needle in p.read_bytes()]
-    assert not leaks, leaks
+    assert not (leaks := files_containing(Path(temp_dir), API_KEY)), leaks
 
 
 def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):

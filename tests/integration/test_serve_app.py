@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import files_containing, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -273,9 +273,6 @@ def test_api_key_appears_in_no_ray_file(urls) -> None:
     assert httpx.get(f"{urls['eagle']}/v1/models",
                      headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     session = Path(ray._private.worker._global_node.get_session_dir_path())
-    needle = API_KEY.encode()
-    leaks = [str(p) for p in session.rglob("*") if p.is_file() and not p.is_symlink()
-             and p.stat().st_size < 200 << 20 and needle in p.read_bytes()]
-    assert not leaks, leaks
+    assert not (leaks := files_containing(session, API_KEY)), leaks
     assert API_KEY not in str(serve.status())
     assert API_KEY not in json.dumps(ray._private.state.actors(), default=str)

@@ -18,7 +18,7 @@ from eyas.config import config_hash
 from eyas.draft.model import DraftConfig, default_aux_layer_ids, text_config
 from eyas.evaluate.config import EvaluateJobConfig
 from eyas.evaluate.report import format_table, summarize
-from eyas.evaluate.scorer import AcceptanceScorer, draft_store, drafters, empty_stats, merge_stats
+from eyas.evaluate.scorer import AcceptanceScorer, merge_stats
 from eyas.train.data import feature_datasets, feature_spec
 from eyas.train.trainer import absolute
 
@@ -53,10 +53,11 @@ def score_dataset(ds: Any, cfg: EvaluateJobConfig, target_dir: str) -> dict[str,
                                "torch_threads": e.torch_threads},
         compute=ray.data.ActorPoolStrategy(size=e.num_actors), num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None)
-    total = empty_stats(e.max_depth, drafters(draft_store(absolute(e.draft)) is not None))
+    total = None  # the first batch's statistics set the drafters (+corpus when the draft has a store)
     for row in scored.iter_rows():
-        total = merge_stats(total, json.loads(row["stats"]))
-    if total["rows"] == 0:
+        stats = json.loads(row["stats"])
+        total = stats if total is None else merge_stats(total, stats)
+    if total is None or total["rows"] == 0:
         raise ValueError(f"the {e.split} split has no rows to evaluate; check features.artifact")
     return total
 
