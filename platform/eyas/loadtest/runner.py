@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from eyas.api_key import read_api_key
 from eyas.loadtest.client import Clock, Target, build_body, make_target, new_session, send_request
 from eyas.loadtest.config import EndpointConfig, LoadTestConfig
 from eyas.loadtest.metrics import RequestRecord, summarize
@@ -339,22 +338,7 @@ def run_phase(actors: list[Any], plans: list[ShardPlan], desc: str, progress: bo
 
 def endpoint_key(ep: EndpointConfig) -> str | None:
     """The endpoint's bearer token from ``api_key_env`` or ``api_key_file`` (None: no auth)."""
-    if ep.api_key_env:
-        key = os.environ.get(ep.api_key_env)
-        if not key:
-            raise ValueError(f"endpoint {ep.name}: environment variable {ep.api_key_env} "
-                             f"(api_key_env) is not set; export it or remove api_key_env")
-        return key
-    if ep.api_key_file:
-        try:
-            key = Path(ep.api_key_file).expanduser().read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"endpoint {ep.name}: api_key_file={ep.api_key_file!r} cannot be "
-                             f"read here ({exc})") from None
-        if not key:
-            raise ValueError(f"endpoint {ep.name}: api_key_file={ep.api_key_file!r} is empty")
-        return key
-    return None
+    return read_api_key(ep.api_key_file, ep.api_key_env, f"endpoint {ep.name}: ")
 
 
 def endpoint_target(ep: EndpointConfig, chat: bool, proxy_host: Callable[[], str] | None = None

@@ -23,11 +23,11 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from eyas.api_key import read_api_key as read_key
 from eyas.serve.api import (
     SSE_DONE,
     APIError,
@@ -66,31 +66,9 @@ def load_serving_tokenizer(cfg: ServeConfig) -> Any:
 
 
 def read_api_key(cfg: ServeConfig) -> str | None:
-    """The API key from ``cfg.api_key_file`` or the node's ``cfg.api_key_env`` (None: auth off).
-
-    A named but missing or empty source is an error. Never pass the key through
-    ``runtime_env.env_vars``: Ray writes runtime_env to its logs and dashboard in plain text.
-    """
-    if cfg.api_key_file is not None:
-        path = Path(cfg.api_key_file).expanduser()
-        try:
-            key = path.read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"api_key_file={cfg.api_key_file!r} cannot be read on this node "
-                             f"({exc.strerror}): mount the key file at that path on every node "
-                             "that runs a replica, or remove api_key_file") from None
-        if not key:
-            raise ValueError(f"api_key_file={cfg.api_key_file!r} is empty: write the key into it")
-        return key
-    if cfg.api_key_env is None:
-        return None
-    key = os.environ.get(cfg.api_key_env, "")
-    if not key:
-        raise ValueError(f"api_key_env={cfg.api_key_env!r} but that variable is not set in the "
-                         "replica's environment: export it on every node before `ray start` "
-                         "(not in runtime_env, which Ray logs in plain text), or use "
-                         "api_key_file, or remove api_key_env")
-    return key
+    """The app's API key from ``cfg.api_key_file`` or the node's ``cfg.api_key_env`` (None: auth
+    off; ``eyas.api_key.read_api_key``)."""
+    return read_key(cfg.api_key_file, cfg.api_key_env)
 
 
 class Admission:
