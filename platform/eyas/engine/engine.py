@@ -284,7 +284,7 @@ class Engine:
         (each branch only when configured; a request without a match adds padding)."""
         spec = self.spec
         assert spec is not None
-        if not (spec.ngram_tokens or self.store):
+        if not spec.ngram_tokens and self.store is None:
             return tree
         contexts = [r.prompt + r.output for r in batch]
         tokens, parents = tree.tokens, tree.parents

@@ -32,7 +32,7 @@ MAX_ROUNDS = 32  # decode/re-encode rounds before a random text of exact length 
 MIN_LEN = 2  # sharegpt: shorter prompts or replies (in tokens) are skipped, as bench_serving does
 
 
-def load_tokenizer(cfg: WorkloadConfig, model: str | None) -> Any:
+def workload_tokenizer(cfg: WorkloadConfig, model: str | None) -> Any:
     """The tokenizer lengths are counted in: ``workload.tokenizer``, else the first endpoint's
     model where ``eyas.targets`` finds it on this machine (a registered target, an asset or a
     local directory)."""

@@ -124,7 +124,7 @@ def load_prompts(cfg: WorkloadConfig, seed: int, model: str | None = None,
         return synthetic_prompts(cfg, seed)
     from eyas.loadtest import token_workloads
 
-    tokenizer = token_workloads.load_tokenizer(cfg, model)
+    tokenizer = token_workloads.workload_tokenizer(cfg, model)
     if cfg.kind == "random":
         return token_workloads.random_prompts(cfg, seed, tokenizer, cfg.output_len or max_tokens)
     return token_workloads.sharegpt_prompts(cfg, seed, tokenizer)
