@@ -28,6 +28,7 @@ KILL_AFTER = 50  # measured requests finished before the kill
 MAX_TOKENS = 8
 MAX_ONGOING = 4  # generation requests the replica runs at once; the rest wait in it
 RECOVERY_BOUND_S = 30.0
+BODY_TIMEOUT_S = 5.0  # the app's body_timeout_s: bounds a request Ray re-sends without its body
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def url(ray_local, stories260k):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": str(stories260k), "served_model_name": MODEL,
-            "engine": {"max_batch_size": 4, "num_threads": 1},
+            "engine": {"max_batch_size": 4, "num_threads": 1}, "body_timeout_s": BODY_TIMEOUT_S,
             "deployment": {"num_replicas": 1, "max_ongoing_requests": MAX_ONGOING,
                            "ray_actor_options": {"num_cpus": 0.5}}}
     try:
@@ -109,12 +110,12 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     assert failed, "the kill failed no request: the replica was idle or not killed"
     # Lost with the replica, counted as replica_lost: those still waiting in it get Ray's
     # plain-text 500; those it was already streaming (200 sent, at most max_ongoing_requests)
-    # are cut mid-body. Rarely Ray's proxy answers one it was still handing over with its own
-    # plain-text 408 ("Request <id> timed out", http_util.get_http_response_status on a
-    # TimeoutError): an answer of the proxy, not of the app, so it keeps its http_408 kind.
+    # are cut mid-body. Rarely (twice in CI) Ray's proxy hands a request the dead replica had
+    # taken to the new replica WITHOUT its body: the app then answers its own JSON 408 ("0 bytes
+    # came") after body_timeout_s. Lost with the replica too, but an answer of the app: http_408.
     lost = [r for r in failed if r.error_kind == "replica_lost"]
-    proxy_408 = [r for r in failed if r.error_kind == "http_408" and "timed out" in r.error]
-    assert len(lost) + len(proxy_408) == len(failed), kinds
+    stranded = [r for r in failed if r.error_kind == "http_408" and "(0 bytes came)" in r.error]
+    assert len(lost) + len(stranded) == len(failed), kinds
     cut = [r for r in lost if r.http_status == 200]
     assert all(r.http_status == 500 and not r.chunk_times_s for r in lost if r not in cut), kinds
     assert len(cut) <= MAX_ONGOING, kinds
@@ -122,7 +123,8 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     # returned, and the client learned of the loss at once.
     assert len(failed) <= CONCURRENCY, kinds
     assert all(r.start <= kill_end for r in failed), [r.start - kill_end for r in failed]
-    assert all(r.end - kill_start <= 10.0 for r in failed), [r.end - kill_start for r in failed]
+    assert all(r.end - kill_start <= 10.0 for r in lost), [r.end - kill_start for r in lost]
+    assert all(r.end - kill_start <= BODY_TIMEOUT_S + 10.0 for r in stranded), kinds
     # Whatever was sent after the first loss reached the client succeeded.
     first_loss = min(r.end for r in failed)
     later = [r for r in records if r.start >= first_loss]
@@ -137,7 +139,7 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     row = summarize(records)
     assert row["replica_lost"] == len(lost) and row["recovery_s"] == rec
     assert row["errors_by_kind"] == {k: v for k, v in
-                                     (("http_408", len(proxy_408)), ("replica_lost", len(lost)))
+                                     (("http_408", len(stranded)), ("replica_lost", len(lost)))
                                      if v}
 
     # Serve replaced the replica; the app answers normally.
