@@ -161,12 +161,13 @@ def assert_key_not_exposed(dashboard_port: int, temp_dir: str) -> None:
     import httpx
 
     api = f"http://127.0.0.1:{dashboard_port}"
-    for path in ("/api/v0/actors?detail=true&limit=1000", "/api/v0/tasks?detail=true&limit=1000",
+    for path in ("/api/v0/actors?detail=true&limit=10000", "/api/v0/tasks?detail=true&limit=10000",
                  "/api/v0/placement_groups?detail=true", "/api/serve/applications/", "/api/jobs/"):
         answer = httpx.get(api + path, timeout=60)
         assert answer.status_code == 200, (path, answer.status_code)
         assert API_KEY not in answer.text, path
-    listed = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--detail", "--address", api],
+    listed = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--detail", "--limit", "10000",
+                             "--address", api],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "ServeReplica" in listed.stdout, listed.stderr[-2000:]
     assert API_KEY not in listed.stdout + listed.stderr
