@@ -1,12 +1,16 @@
 """`ray job submit` as the README's "Local cluster" section runs it, on a real `ray start --head`.
 
-A copy of the checkout (``jobs/``, ``platform/``, ``.gitignore``, with ``../shared`` beside it)
-is submitted with ``working_dir`` and ``{"env_vars": {"EYAS_HOME": <checkout>}}`` through the
-Jobs API: prepare_data -> extract_features -> train_draft (4 steps) -> evaluate_draft on
-stories260k with the configs' default RELATIVE outputs, then the pipeline line (serve + load test
-stages: the job serves both apps itself, the EAGLE-3 app behind a key read from a file). The
-artifacts must land in ``<checkout>/artifacts/...`` (not in Ray's ``_ray_pkg_`` copy) and survive
-stopping the cluster. Without ``EYAS_HOME`` the same submission fails with one line naming
+A copy of the checkout (``jobs/``, ``platform/``, ``serve_apps/``, ``.gitignore``, with
+``../shared`` beside it) is the head's working directory and is submitted with ``working_dir``
+and ``{"env_vars": {"EYAS_HOME": <checkout>}}`` through the Jobs API: prepare_data ->
+extract_features -> train_draft (4 steps) -> evaluate_draft on stories260k with the configs'
+default RELATIVE outputs; then ``serve deploy serve_apps/stories260k.yaml`` (its replicas load the
+relative ``artifacts/train/draft`` from the directory ``ray start`` ran in) and the load_test line
+against it; then the pipeline line (serve + load test stages: the job serves both apps itself,
+the EAGLE-3 app behind a key read from a file). The only edit to the shipped files is the HTTP
+port (a free one for 8000, in the serve file and the load-test config alike). The artifacts
+must land in ``<checkout>/artifacts/...`` (not in Ray's ``_ray_pkg_`` copy) and survive stopping
+the cluster. Without ``EYAS_HOME`` the same submission fails with one line naming
 ``run.output``. The key must appear in no dashboard API answer, not in `ray list actors --detail`
 and in no file of the cluster's session.
 
@@ -42,10 +46,11 @@ API_KEY = "eyas-test-key-7f3a9c"
 
 
 def make_checkout(base: Path) -> Path:
-    """``base/eyas`` (jobs, platform, .gitignore) with ``base/shared`` -> the real shared folder."""
+    """``base/eyas`` (jobs, platform, serve_apps, .gitignore) with ``base/shared`` -> the real
+    shared folder."""
     checkout = base / "eyas"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("jobs", "platform"):
+    for name in ("jobs", "platform", "serve_apps"):
         shutil.copytree(ROOT / name, checkout / name, ignore=ignore)
     shutil.copy(ROOT / ".gitignore", checkout / ".gitignore")
     (base / "shared").symlink_to((ROOT.parent / "shared").resolve())
@@ -82,8 +87,9 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     proc.wait(timeout=10)
 
 
-def start_head(temp_dir: str, log: Path) -> tuple[subprocess.Popen, int]:
-    """`ray start --head` with the venv active (its bin first on PATH), private ports, 2 CPUs."""
+def start_head(temp_dir: str, log: Path, cwd: Path) -> tuple[subprocess.Popen, int]:
+    """`ray start --head` in ``cwd`` (the README runs it from the checkout root) with the venv
+    active (its bin first on PATH), private ports, 2 CPUs."""
     ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
                                              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--metrics-export-port", "--node-manager-port",
@@ -97,7 +103,8 @@ def start_head(temp_dir: str, log: Path) -> tuple[subprocess.Popen, int]:
     for flag, port in ports.items():
         cmd += [flag, str(port)]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return proc, ports["--dashboard-port"]
 
 
@@ -133,6 +140,40 @@ def submit(client, checkout: Path, args: list[str], env_vars: dict[str, str] | N
         time.sleep(1)
     client.stop_job(job)
     pytest.fail(f"job {args[0]} still running after {timeout_s}s:\n{client.get_job_logs(job)[-3000:]}")
+
+
+def serve_cli(args: list[str], checkout: Path, dashboard_port: int) -> str:
+    """``serve <args> --address <dashboard>`` run in the checkout; its stdout (fails on error)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EYAS_HOME")}
+    done = subprocess.run([str(VENV_BIN / "serve"), *args, "--address", f"http://127.0.0.1:{dashboard_port}"],
+                          cwd=checkout, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+    return done.stdout
+
+
+def use_port(checkout: Path, port: int) -> None:
+    """Point the shipped serve file and load-test config at ``port`` instead of 8000."""
+    for rel in ("serve_apps/stories260k.yaml", "jobs/configs/load_test.yaml"):
+        path = checkout / rel
+        text = path.read_text()
+        assert text.count(":8000/") + text.count("port: 8000") >= 1, rel
+        path.write_text(text.replace(":8000/", f":{port}/").replace("port: 8000", f"port: {port}"))
+
+
+def wait_serving(checkout: Path, dashboard_port: int, timeout_s: float = 240) -> None:
+    """Until ``serve status`` shows both applications RUNNING."""
+    import yaml
+
+    deadline, apps = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        apps = yaml.safe_load(serve_cli(["status"], checkout, dashboard_port)).get("applications") or {}
+        if len(apps) == 2 and all(a["status"] == "RUNNING" for a in apps.values()):
+            return
+        if any(a["status"] == "DEPLOY_FAILED" for a in apps.values()):
+            break
+        time.sleep(3)
+    pytest.fail(f"serve apps not RUNNING: {json.dumps(apps, default=str)[-3000:]}")
 
 
 def secret(tmp_path: Path) -> Path:
@@ -175,10 +216,14 @@ def assert_key_not_exposed(dashboard_port: int, temp_dir: str) -> None:
 
 
 def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
+    import httpx
+
     checkout = make_checkout(tmp_path / "work")
     temp_dir = tempfile.mkdtemp(prefix="eyasray-", dir="/tmp")  # short: Ray's socket paths live there
     log = tmp_path / "ray_start.log"
-    proc, port = start_head(temp_dir, log)
+    serve_port = free_port()
+    use_port(checkout, serve_port)
+    proc, port = start_head(temp_dir, log, checkout)
     home = {"EYAS_HOME": str(checkout)}  # the README's --runtime-env-json
     sources = json.dumps([{"path": "assets:datasets/sft/llamafactory_alpaca_en_demo.json", "limit": 8}])
     t0 = time.time()
@@ -215,10 +260,24 @@ def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
             "evaluate.max_rows=4", "evaluate.max_length=64"], env_vars=home)
         assert status == "SUCCEEDED", logs[-5000:]
 
+        # The README's serve deploy + load_test lines: the replicas find the relative draft path
+        # in the directory `ray start` ran in; the load test's outputs land in artifacts/loadtest.
+        serve_cli(["deploy", "serve_apps/stories260k.yaml"], checkout, port)
+        wait_serving(checkout, port)  # a replica that cannot find its draft never runs
+        info = httpx.get(f"http://127.0.0.1:{serve_port}/eagle3/v1/server_info", timeout=30)
+        assert info.status_code == 200 and '"EAGLE3"' in info.text, info.text[-2000:]
+        status, logs = submit(client, checkout, [
+            "jobs/load_test.py", "--config", "jobs/configs/load_test.yaml", "loadtest.concurrencies=[1]",
+            "loadtest.requests_per_point=4", "loadtest.max_tokens=16"], env_vars=home)
+        assert status == "SUCCEEDED", logs[-5000:]
+        serve_cli(["shutdown", "-y"], checkout, port)
+        standalone = checkout / "artifacts" / "loadtest_standalone"
+        (checkout / "artifacts" / "loadtest").rename(standalone)  # the pipeline writes loadtest/ too
+
         # The pipeline's serve stage under a job: both apps served by the job itself (the EAGLE-3
         # one behind a key read from a file, its draft a relative path resolved by the replicas
         # against EYAS_HOME), the load test against them, the apps deleted at the end.
-        status, logs = submit(client, checkout, pipeline_args(free_port(), secret(tmp_path)), env_vars=home)
+        status, logs = submit(client, checkout, pipeline_args(serve_port, secret(tmp_path)), env_vars=home)
         assert status == "SUCCEEDED", logs[-5000:]
         assert_key_not_exposed(port, temp_dir)
         jobs_s = time.time() - started
@@ -236,9 +295,10 @@ def test_ray_job_submit_outputs_land_in_eyas_home(assets, tmp_path):
         assert (art / "train" / "draft" / "model.safetensors").is_file()
         assert json.loads((art / "train" / "manifest.json").read_text())["steps"] == 4
         assert (art / "evaluate" / "manifest.json").is_file()
-        rows = json.loads((art / "loadtest" / "summary.json").read_text())["rows"]
-        assert [(r["endpoint"], r["completed"], r["failed"]) for r in rows] == [("baseline", 4, 0),
-                                                                                ("eagle3", 4, 0)]
+        for loadtest in ("loadtest_standalone", "loadtest"):
+            rows = json.loads((art / loadtest / "summary.json").read_text())["rows"]
+            assert [(r["endpoint"], r["completed"], r["failed"]) for r in rows] == [
+                ("baseline", 4, 0), ("eagle3", 4, 0)], loadtest
         assert (art / "report.json").is_file()
         # ... and nothing was written into Ray's package copy of the working dir.
         packages = list(Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))

@@ -34,11 +34,11 @@ STACK = {"0.5.23": ("2.14.1", 13, 580)}
 
 
 def serve_apps() -> dict[str, dict[str, Any]]:
-    """file name -> the one application of every serve_apps/*.yaml."""
-    out = {}
-    for f in sorted((ROOT / "serve_apps").glob("*.yaml")):
-        (app,) = yaml.safe_load(f.read_text())["applications"]
-        out[f.name] = app
+    """application name -> application, over every serve_apps/*.yaml."""
+    apps = [app for f in sorted((ROOT / "serve_apps").glob("*.yaml"))
+            for app in yaml.safe_load(f.read_text())["applications"]]
+    out = {app["name"]: app for app in apps}
+    assert len(out) == len(apps), "two serve apps share a name"
     return out
 
 
@@ -331,7 +331,7 @@ def test_item7_big_recipes_ship_features_and_train_configs() -> None:
         train = load_config(TrainJobConfig, CONFIGS / f"train_draft_{recipe}.yaml")
         assert feats.features.num_gpus_per_actor == gpus
         assert train.features.artifact == feats.features.artifact
-        (app,) = (a for n, a in serve_apps().items() if n == f"{recipe}_sglang_eagle3.yaml")
+        app = serve_apps()[f"{recipe.replace('_', '-')}-eagle3"]
         assert app["args"]["speculative"]["draft_path"] == f"{train.run.output}/draft"
 
 
@@ -373,15 +373,15 @@ def test_item8_shipped_eagle3_apps_overlap_like_their_baselines() -> None:
 
 def pairs() -> list[tuple[str, str]]:
     names = set(serve_apps())
-    return [(n, n.replace("_baseline", "_eagle3")) for n in sorted(names)
-            if "_sglang_baseline" in n and n.replace("_baseline", "_eagle3") in names]
+    return [(n, n.replace("-baseline", "-eagle3")) for n in sorted(set(sglang_apps()))
+            if n.endswith("-baseline") and n.replace("-baseline", "-eagle3") in names]
 
 
 def test_item13_every_sglang_eagle3_app_has_a_baseline() -> None:
     apps = sglang_apps()
     for name, (_, c) in apps.items():
         if c.speculative is not None:
-            assert name.replace("_eagle3", "_baseline") in apps, f"{name} has no baseline app"
+            assert name.replace("-eagle3", "-baseline") in apps, f"{name} has no baseline app"
     assert len(pairs()) >= 3
 
 

@@ -22,8 +22,9 @@ def cfg(**kw) -> ServeConfig:
     return validate_config(ServeConfig, {"model": "assets:models/stories260k", **kw})
 
 
-def app_args(path: Path) -> dict:
-    (app,) = yaml.safe_load(path.read_text())["applications"]
+def app_args(path: Path, name: str) -> dict:
+    """The args of the application ``name`` in the serve file ``path``."""
+    (app,) = (a for a in yaml.safe_load(path.read_text())["applications"] if a["name"] == name)
     return app["args"]
 
 
@@ -50,6 +51,9 @@ def test_defaults_and_model_name() -> None:
       "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "eyas engine options"),
     ({"backend": "sglang", "speculative": {"draft_path": "d", "max_speculative_batch": 2},
       "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "eyas engine options"),
+    ({"backend": "sglang", "speculative": {"draft_path": "d", "speculation": "adaptive"},
+      "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "speculative.speculation: adaptive"),
+    ({"speculative": {"draft_path": "d", "speculation": "auto"}}, "speculative.speculation"),
     ({"backend": "sglang"}, "num_gpus >= 1"),
     ({"backend": "sglang", "sglang": {"tp_size": 4},
       "deployment": {"ray_actor_options": {"num_gpus": 2}}}, "num_gpus >= 4"),
@@ -91,8 +95,8 @@ def test_build_app_rejects_bad_args_before_deploying() -> None:
 
 def test_the_yaml_files_exist() -> None:
     names = {p.name for p in YAMLS}
-    assert {"stories260k_baseline.yaml", "stories260k_eagle3.yaml",
-            "llama31_8b_sglang_eagle3.yaml", "llama4_scout_sglang_eagle3.yaml"} <= names
+    assert {"stories260k.yaml", "smollm2.yaml", "llama31_8b_sglang.yaml",
+            "llama4_scout_sglang.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
@@ -104,20 +108,23 @@ def test_yaml_is_a_valid_serve_config_with_valid_args(path: Path) -> None:
     text = path.read_text()
     assert f"serve run serve_apps/{path.name}" in text  # the header shows the command
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
-    (app,) = schema.applications
-    assert app.import_path == "eyas.serve.app:build_app"  # importable where only eyas is installed
-    c = validate_config(ServeConfig, app.args, source=path.name)
-    bound = yaml_builder(app.args)  # builds without loading a model or importing sglang
-    assert bound is not None
-    if c.backend == "sglang":
-        assert c.deployment.ray_actor_options.num_gpus >= c.sglang.tp_size
+    # both sides of the load test in one file: `serve deploy` replaces what the cluster runs
+    assert sorted(app.route_prefix for app in schema.applications) == ["/baseline", "/eagle3"]
+    for app in schema.applications:
+        assert app.import_path == "eyas.serve.app:build_app"  # importable where only eyas is
+        c = validate_config(ServeConfig, app.args, source=f"{path.name}:{app.name}")
+        assert (c.speculative is not None) == (app.route_prefix == "/eagle3"), app.name
+        bound = yaml_builder(app.args)  # builds without loading a model or importing sglang
+        assert bound is not None
+        if c.backend == "sglang":
+            assert c.deployment.ray_actor_options.num_gpus >= c.sglang.tp_size
 
 
 # ----------------------------------------------------------------------------- SGLang arguments
 
 
 def test_sglang_eagle3_engine_kwargs_and_cli_flags() -> None:
-    c = validate_config(ServeConfig, app_args(REPO / "serve_apps/llama31_8b_sglang_eagle3.yaml"))
+    c = validate_config(ServeConfig, app_args(REPO / "serve_apps/llama31_8b_sglang.yaml", "llama31-8b-eagle3"))
     kwargs = sg.engine_kwargs(c, "/models/llama", "/tmp/draft")
     assert kwargs["speculative_algorithm"] == "EAGLE3"
     assert kwargs["speculative_draft_model_path"] == "/tmp/draft"
@@ -221,7 +228,7 @@ def test_sglang_backend_needs_the_package() -> None:
         pass
     else:
         pytest.skip("sglang is installed here")
-    c = validate_config(ServeConfig, app_args(REPO / "serve_apps/llama31_8b_sglang_eagle3.yaml"))
+    c = validate_config(ServeConfig, app_args(REPO / "serve_apps/llama31_8b_sglang.yaml", "llama31-8b-eagle3"))
     with pytest.raises(ImportError, match="eyas\\[sglang\\]"):
         sg.SGLangBackend(c, tokenizer=None)
 
