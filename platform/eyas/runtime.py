@@ -98,7 +98,7 @@ def init_ray(run: RunConfig) -> None:
     package shipped with the job unless it is installed on the nodes."""
     import ray
 
-    quiet_ray_data_progress()
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
@@ -112,15 +112,24 @@ def init_ray(run: RunConfig) -> None:
     ray.init(address="local", num_cpus=run.num_cpus, include_dashboard=None)
 
 
-def quiet_ray_data_progress() -> None:
-    """Off a terminal (``ray job logs``, CI, a file) Ray Data logs every operator's progress every
-    few seconds: about 2,000 lines in a default pipeline run. The stages print their own line
-    per batch, so Ray Data's progress is turned off there; on a terminal its bars stay."""
-    if sys.stdout.isatty():
-        return
+def quiet_ray_data() -> None:
+    """Keep Ray Data's console output to what a person needs.
+
+    - Off a terminal (``ray job logs``, CI, a file) Ray Data logs every operator's progress every
+      few seconds: about 2,000 lines in a default pipeline run. The stages print their own line
+      per batch, so Ray Data's progress is turned off there; on a terminal its bars stay.
+    - Its high-memory detector repeats a 14-line advice every 30 s for any actor holding more
+      than a small default (the regeneration actors hold the target, ~2.3 GiB for SmolLM2, the
+      PII actors a spaCy model, ~0.7 GiB, by design): about 200 of a default run's 480 lines.
+      It is off; memory is not requested per actor either, since on a small machine Ray's
+      ``memory`` resource would leave those actors unschedulable.
+    """
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+    if not sys.stdout.isatty():
+        ctx.enable_progress_bars = False
 
 
 def actor_threads(torch_threads: int | None, num_cpus: float) -> int:

@@ -176,16 +176,18 @@ def test_job_refuses_relative_output_in_ray_package_before_ray_starts(tmp_path):
     assert not (pkg / "artifacts").exists()
 
 
-def test_ray_data_progress_is_off_when_stdout_is_not_a_terminal(monkeypatch) -> None:
+def test_ray_data_progress_is_off_off_a_terminal_and_memory_advice_always(monkeypatch) -> None:
     from ray.data import DataContext
 
-    from eyas.runtime import quiet_ray_data_progress
+    from eyas.runtime import quiet_ray_data
 
     ctx = DataContext.get_current()
+    memory = ctx.issue_detectors_config.high_memory_detector_config
     monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(memory, "detection_time_interval_s", 30)
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    quiet_ray_data_progress()
-    assert ctx.enable_progress_bars is True
+    quiet_ray_data()
+    assert ctx.enable_progress_bars is True and memory.detection_time_interval_s == -1
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
-    quiet_ray_data_progress()
+    quiet_ray_data()
     assert ctx.enable_progress_bars is False
