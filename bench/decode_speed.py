@@ -7,7 +7,9 @@ Rows: (a) transformers ``generate()`` in fp32 and bf16 [the baseline is the fast
 (d) the eyas engine with EAGLE-3 (chain and tree settings, with and without the n-gram lookup
 branch that is verified together with the tree, with the corpus branch from the draft dir's
 n-gram store of the training replies, and with ``max_speculative_batch``: rounds of
-larger batches decode plainly; such rows print the share of speculative rounds). For each
+larger batches decode plainly; such rows print the share of speculative rounds; and adaptive
+rows, ``SpecConfig(mode="adaptive")``: the engine picks each round's setting among plain
+decoding, chains of depth 1..S and the tree, after a timing warm-up when it is built). For each
 concurrency C, C requests of ``--tokens`` output tokens each run together (eos ignored so every
 row emits the same number of tokens), for ``--groups`` G groups of C different prompts in turn;
 tokens/s = G * C * tokens / wall and TPOT = wall / (G * tokens). Prompt lookup only supports batch
@@ -16,7 +18,10 @@ size 1 in transformers, so its C requests run one after another.
 For the EAGLE-3 rows it prints what the round costs: t_1 (one plain decode step of the batch,
 from row (c)), t_verify (the target forward over the D tree tokens), t_draft (draft time per
 step: extend + tree growth divided by S), tau (tokens per verification), the speed-up the costs
-predict, tau * t_1 / (t_verify + S * t_draft), and the efficiency = measured / predicted.
+predict, tau * t_1 / (t_verify + S * t_draft), and the efficiency = measured / predicted. An
+adaptive row prints instead the cost model's predicted and the measured mean round time (and
+the mean |predicted - measured| per round, relative to the measured) and the share of rounds
+of each setting it chose.
 
 Threads: one process, ``--threads`` torch threads (default 2 = both cores of the dev box). Run it
 on a quiet machine: a second busy process on 2 cores slows torch 10-40x.
@@ -42,16 +47,21 @@ from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
 PROMPTS = "assets:datasets/prompts/vicuna_bench_question.jsonl"  # held out of training
 # name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens, corpus branch tokens,
-#        max_speculative_batch); the corpus branch needs the draft dir's ngram_store.npz
-SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None), "chain 5/1/6": (5, 1, 6, 0, 0, None),
-            "chain 7/1/8": (7, 1, 8, 0, 0, None), "tree 5/4/8": (5, 4, 8, 0, 0, None),
-            "tree 6/2/8": (6, 2, 8, 0, 0, None), "chain 3/1/4 +ngram 4": (3, 1, 4, 4, 0, None),
-            "chain 4/1/5 +ngram 4": (4, 1, 5, 4, 0, None), "chain 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None),
-            "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 0, 1),
-            "chain 3/1/4 +ngram 4 +corpus 4": (3, 1, 4, 4, 4, None),
-            "chain 4/1/5 +ngram 4 +corpus 4": (4, 1, 5, 4, 4, None),
-            "chain 3/1/4 +ngram 4 +corpus 4 B<=1": (3, 1, 4, 4, 4, 1)}
-Knobs = tuple[int, int, int, int, int, int | None]
+#        max_speculative_batch, mode); the corpus branch needs the draft dir's ngram_store.npz
+SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None, "fixed"), "chain 5/1/6": (5, 1, 6, 0, 0, None, "fixed"),
+            "chain 7/1/8": (7, 1, 8, 0, 0, None, "fixed"), "tree 5/4/8": (5, 4, 8, 0, 0, None, "fixed"),
+            "tree 6/2/8": (6, 2, 8, 0, 0, None, "fixed"),
+            "chain 3/1/4 +ngram 4": (3, 1, 4, 4, 0, None, "fixed"),
+            "chain 4/1/5 +ngram 4": (4, 1, 5, 4, 0, None, "fixed"),
+            "chain 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None, "fixed"),
+            "chain 3/1/4 +ngram 4 B<=1": (3, 1, 4, 4, 0, 1, "fixed"),
+            "chain 3/1/4 +ngram 4 +corpus 4": (3, 1, 4, 4, 4, None, "fixed"),
+            "chain 4/1/5 +ngram 4 +corpus 4": (4, 1, 5, 4, 4, None, "fixed"),
+            "chain 3/1/4 +ngram 4 +corpus 4 B<=1": (3, 1, 4, 4, 4, 1, "fixed"),
+            "adaptive 5/1/6": (5, 1, 6, 0, 0, None, "adaptive"),
+            "adaptive 6/2/8": (6, 2, 8, 0, 0, None, "adaptive"),
+            "adaptive 5/1/6 +ngram 4 +corpus 4": (5, 1, 6, 4, 4, None, "adaptive")}
+Knobs = tuple[int, int, int, int, int, int | None, str]
 Groups = list[list[list[int]]]  # G groups of C prompts each
 Row = Callable[[Groups, int], dict]
 
@@ -102,6 +112,7 @@ def eyas_generate(engine, groups: Groups, n: int) -> dict:
 
     engine.phase_seconds.clear()
     engine.phase_rounds.clear()
+    engine.round_records.reset()
     outs = [o for prompts in groups
             for o in engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))]
     steps = sum(o.stats.verify_steps for o in outs)
@@ -109,7 +120,8 @@ def eyas_generate(engine, groups: Groups, n: int) -> dict:
     rounds = engine.phase_rounds
     share = rounds["verify"] / max(rounds["verify"] + rounds["decode"], 1)
     return {"tau": sum(o.stats.decoded_tokens for o in outs) / steps if steps else 1.0,
-            "spec_share": share, **per_round}
+            "spec_share": share, "round_time": engine.round_records.overall(),
+            "settings": engine.round_records.snapshot(), **per_round}
 
 
 def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.dtype,
@@ -128,9 +140,11 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
     engines = {"(c) eyas engine": (Engine(model_dir, dtype=dtype, max_batch_size=max_c), None)}
     for name in settings if draft_dir else ():
         knobs = SETTINGS[name]
+        adaptive = knobs[6] == "adaptive"  # timed on dummy requests when built (calibrate)
         engines[f"(d) eyas eagle3 {name}"] = (
             Engine(model_dir, SpecConfig(draft_dir, *knobs[:4], corpus_tokens=knobs[4],
-                                         max_speculative_batch=knobs[5]),
+                                         max_speculative_batch=knobs[5], mode=knobs[6],
+                                         calibrate=adaptive),
                    dtype=dtype, max_batch_size=max_c), knobs)
     for name, (eng, knobs) in engines.items():
         eng.record_phases = True
@@ -145,6 +159,17 @@ def cost_columns(extra: dict, knobs: Knobs, t_1: float, gain: float) -> str:
     predicted = extra["tau"] * t_1 / (t_verify + steps * t_draft)
     return (f" t_verify {1000 * t_verify:6.1f} t_draft {1000 * t_draft:5.2f} "
             f"predicted {predicted:5.2f}x efficiency {gain / predicted:5.2f}")
+
+
+def adaptive_columns(extra: dict) -> str:
+    """The cost model's predicted vs the measured mean round time of an adaptive cell, and the
+    share of rounds of each setting it chose."""
+    t = extra["round_time"]
+    shares = ", ".join(f"{name} {100 * s['share']:.0f}%" for name, s in
+                       sorted(extra["settings"].items(), key=lambda kv: -kv[1]["share"]))
+    return (f" round predicted {t['predicted_ms'] or float('nan'):6.2f} ms measured "
+            f"{t['measured_ms'] or float('nan'):6.2f} ms |err| {t['error_pct'] or float('nan'):4.1f}%"
+            f" rounds: {shares}")
 
 
 def main() -> None:
@@ -193,7 +218,9 @@ def main() -> None:
             line = (f"{name:38s} {c * g * args.tokens / wall:8.1f} {1000 * wall / (g * args.tokens):8.2f} "
                     f"{base / wall:7.2f} {plain[0] / wall:6.2f} {'' if tau is None else f'{tau:5.2f}'}")
             knobs = rows[name][1]
-            if knobs is not None and knobs[5] is not None:
+            if knobs is not None and knobs[6] == "adaptive":
+                line += adaptive_columns(extra)
+            elif knobs is not None and knobs[5] is not None:
                 line += f" speculative rounds {100 * extra['spec_share']:3.0f}%"
             elif knobs is not None:
                 line += cost_columns(extra, knobs, plain[1]["decode"], plain[0] / wall)

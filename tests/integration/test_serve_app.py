@@ -147,7 +147,10 @@ def test_eagle3_greedy_equals_baseline(urls) -> None:
     assert info["backend_info"]["speculative"] == {"algorithm": "EAGLE3", "num_steps": 3,
                                                    "eagle_topk": 2, "num_draft_tokens": 5,
                                                    "ngram_tokens": 0, "corpus_tokens": 0,
-                                                   "max_speculative_batch": None}
+                                                   "max_speculative_batch": None,
+                                                   "speculation": "fixed"}
+    rounds = info["backend_info"]["speculation_rounds"]
+    assert set(rounds) == {"tree 3/2/5"} and rounds["tree 3/2/5"]["share"] == 1.0
 
 
 def test_concurrent_requests_equal_sequential(urls) -> None:

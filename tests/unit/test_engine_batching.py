@@ -1,7 +1,10 @@
-"""Continuous batching: batched outputs equal solo outputs; joining, aborting, stopping."""
+"""Continuous batching: batched outputs equal solo outputs; joining, aborting, stopping. The
+speculative cases run in both speculation modes (the configured tree every round, and the
+adaptive choice per round)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +15,12 @@ from eyas.engine.engine import Engine, SamplingParams, SpecConfig
 
 PROMPTS = [[1, 403, 407, 261, 378], [1, 22, 33], [1, 403, 407, 261, 378, 10, 300, 42, 99, 7],
            [1]]
-SPEC = SpecConfig(num_steps=5, eagle_topk=4, num_draft_tokens=8)
+TREE = SpecConfig(num_steps=5, eagle_topk=4, num_draft_tokens=8)
+
+
+@pytest.fixture(params=["fixed", "adaptive"])
+def spec(request) -> SpecConfig:
+    return dataclasses.replace(TREE, mode=request.param)
 
 
 def random_draft(stories260k: Path):
@@ -30,10 +38,11 @@ def solo(stories260k: Path) -> list[list[int]]:
     return [engine.generate([p], SamplingParams(max_tokens=32))[0].token_ids for p in PROMPTS]
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_batch_equals_each_alone(stories260k, solo, speculative):
-    draft = random_draft(stories260k) if speculative else None
-    engine = Engine(str(stories260k), spec=SPEC if speculative else None, draft=draft)
+@pytest.mark.parametrize("mode", [None, "fixed", "adaptive"])  # None: no speculation
+def test_batch_equals_each_alone(stories260k, solo, mode):
+    draft = random_draft(stories260k) if mode else None
+    spec = dataclasses.replace(TREE, mode=mode) if mode else None
+    engine = Engine(str(stories260k), spec=spec, draft=draft)
     params = [SamplingParams(max_tokens=n) for n in (32, 20, 32, 7)]  # leave at different times
     outs = engine.generate(PROMPTS, params)
     for want, got, p in zip(solo, outs, params, strict=True):
@@ -41,8 +50,8 @@ def test_batch_equals_each_alone(stories260k, solo, speculative):
         assert got.finish_reason == "length" and got.completion_tokens == p.max_tokens
 
 
-def test_requests_join_mid_flight_and_queue(stories260k, solo):
-    engine = Engine(str(stories260k), spec=SPEC, draft=random_draft(stories260k),
+def test_requests_join_mid_flight_and_queue(stories260k, solo, spec):
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k),
                     max_batch_size=2)
     engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=32))
     tokens: dict[str, list[int]] = {}
@@ -59,8 +68,8 @@ def test_requests_join_mid_flight_and_queue(stories260k, solo):
     assert engine.num_free_slots == 2
 
 
-def test_abort_frees_the_slot(stories260k):
-    engine = Engine(str(stories260k), spec=SPEC, draft=random_draft(stories260k),
+def test_abort_frees_the_slot(stories260k, spec):
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k),
                     max_batch_size=2)
     engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=100))
     engine.add_request("y", PROMPTS[1], SamplingParams(max_tokens=100))
@@ -82,8 +91,8 @@ def test_abort_frees_the_slot(stories260k):
     assert engine.num_free_slots == 2
 
 
-def test_stop_token_ids_and_eos(stories260k, solo):
-    engine = Engine(str(stories260k), spec=SPEC, draft=random_draft(stories260k))
+def test_stop_token_ids_and_eos(stories260k, solo, spec):
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
     target = solo[0][5]
     cut = solo[0].index(target) + 1
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=32, stop_token_ids=[target]))[0]
@@ -96,13 +105,13 @@ def test_stop_token_ids_and_eos(stories260k, solo):
     assert free.token_ids == solo[0] and free.finish_reason == "length"
 
 
-def test_stop_strings(stories260k, solo):
+def test_stop_strings(stories260k, solo, spec):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(stories260k))
     text = tok.decode(solo[0], skip_special_tokens=True)
     stop = text[len(text) // 2 : len(text) // 2 + 4]
-    engine = Engine(str(stories260k), spec=SPEC, draft=random_draft(stories260k))
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=32, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.token_ids == solo[0][: len(out.token_ids)]
@@ -110,8 +119,8 @@ def test_stop_strings(stories260k, solo):
     assert stop not in tok.decode(out.token_ids[:-1], skip_special_tokens=True)
 
 
-def test_max_seq_len_finishes_with_length(stories260k, solo):
-    engine = Engine(str(stories260k), spec=SPEC, draft=random_draft(stories260k), max_seq_len=20)
+def test_max_seq_len_finishes_with_length(stories260k, solo, spec):
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k), max_seq_len=20)
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=100))[0]
     assert out.finish_reason == "length" and out.prompt_tokens + out.completion_tokens == 20
     assert out.token_ids == solo[0][:15]

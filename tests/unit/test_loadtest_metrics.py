@@ -371,3 +371,38 @@ def test_table_reports_lost_requests_and_recovery() -> None:
     table = format_table(SimpleNamespace(rows=rows))
     assert table.splitlines()[-1] == ("  c16 eagle3: 16 requests lost with a replica; "
                                       "service back after 11.6 s")
+
+
+def test_speculation_shares_per_point_from_server_info() -> None:
+    from eyas.loadtest.runner import round_counts, round_shares
+
+    def info(**rounds: int) -> dict:
+        return {"backend_info": {"speculation_rounds": {
+            name.replace("_", " "): {"rounds": n, "share": 0.0} for name, n in rounds.items()}}}
+
+    before = round_counts(info(plain=10, chain_3=30))
+    after = round_counts(info(plain=40, chain_3=40, tree=10))
+    assert before == {"plain": 10, "chain 3": 30}
+    assert round_shares(before, after) == {"chain 3": 0.2, "plain": 0.6, "tree": 0.2}
+    assert round_shares(None, after) is None and round_counts({"backend_info": {}}) is None
+    assert round_counts(None) is None
+    assert round_shares(after, before) is None  # counts went down: another replica answered
+    assert round_shares(before, before) is None  # no round in between
+
+
+def test_table_and_csv_show_speculation_shares() -> None:
+    from types import SimpleNamespace
+
+    from eyas.loadtest.report import csv_bytes, format_table
+
+    base = {"request_throughput": 1.0, "output_throughput": 10.0, "ttft_ms_median": 5.0,
+            "tpot_ms_median": 2.0, "itl_ms_median": 2.0, "acceptance_length_mean": 1.4,
+            "error_rate": 0.0, "errors_by_kind": {}}
+    rows = [base | {"point": "c16", "endpoint": "base", "speculation_shares": None},
+            base | {"point": "c16", "endpoint": "eagle3",
+                    "speculation_shares": {"chain 2/1/3": 0.375, "plain": 0.625}}]
+    lines = format_table(SimpleNamespace(rows=rows)).splitlines()
+    assert lines[-1] == "  c16 eagle3: decode rounds plain 62%, chain 2/1/3 38%"
+    assert not any("c16 base:" in line for line in lines)
+    csv_text = csv_bytes(rows).decode()
+    assert "chain 2/1/3:0.375;plain:0.625" in csv_text

@@ -220,3 +220,29 @@ def test_stats_feed_ray_metrics(monkeypatch) -> None:
             ("counter", "eyas_serve_requests_total"),
             ("histogram", "eyas_serve_e2e_latency_seconds")} <= names
     assert ("gauge", "eyas_serve_acceptance_length", 2.5) in calls
+
+
+def test_round_shares_and_times_feed_ray_metrics(monkeypatch) -> None:
+    from eyas.serve import stats as stats_module
+
+    calls: list[tuple[str, float, dict]] = []
+
+    class Recorder:
+        @staticmethod
+        def set_gauge(name, value, description="", **tags):
+            calls.append((name, value, tags))
+
+    monkeypatch.setattr(stats_module, "metrics", Recorder)
+    rounds = {"plain": {"share": 0.25, "predicted_ms": None, "measured_ms": 2.0},
+              "chain 3/1/4": {"share": 0.75, "predicted_ms": 5.0, "measured_ms": 4.0}}
+    ServeStats("m", rounds=lambda: rounds).publish(force=True)
+    got = {(name, tags.get("setting")): value for name, value, tags in calls}
+    assert got[("eyas_serve_speculation_round_share", "chain 3/1/4")] == 0.75
+    assert got[("eyas_serve_speculation_round_share", "plain")] == 0.25
+    assert got[("eyas_serve_round_time_predicted_seconds", "chain 3/1/4")] == pytest.approx(5e-3)
+    assert got[("eyas_serve_round_time_measured_seconds", "plain")] == pytest.approx(2e-3)
+    assert ("eyas_serve_round_time_predicted_seconds", "plain") not in got  # fixed: none
+    assert all(tags["model"] == "m" for _, _, tags in calls)
+    calls.clear()
+    ServeStats("m", rounds=lambda: None).publish(force=True)  # SGLang: no round gauges
+    assert not [c for c in calls if "round" in c[0]]

@@ -195,6 +195,41 @@ def test_closing_a_stream_aborts_and_frees_the_slot(server) -> None:
     assert backend.engine.num_free_slots == backend.max_batch_size
 
 
+# ----------------------------------------------------------------------------- speculation
+
+
+def test_adaptive_speculation_is_shown_in_server_info(stories260k, tmp_path) -> None:
+    """speculative.speculation: adaptive reaches the engine; /v1/server_info shows the mode,
+    each setting's share of the decode rounds, and predicted vs measured round time."""
+    import json as json_module
+
+    from eyas.draft.model import DraftConfig, Eagle3Draft
+    from eyas.export.writer import save_draft
+
+    target_cfg = json_module.loads((stories260k / "config.json").read_text())
+    draft = Eagle3Draft(DraftConfig.from_target_config(target_cfg, 512, aux_layer_ids=[0, 2, 3]))
+    save_draft(draft, tmp_path / "draft", dtype="float32")
+    srv = OpenAIServer(ServeConfig(model=str(stories260k), served_model_name=MODEL,
+                                   engine={"max_batch_size": 2},
+                                   speculative={"draft_path": str(tmp_path / "draft"),
+                                                "speculation": "adaptive"}))
+    try:
+        assert srv.backend.engine.policy.seen == set(srv.backend.engine.policy.settings)
+        assert completion(srv, max_tokens=24)["usage"]["completion_tokens"] > 1
+        info = call(srv, "GET", "/v1/server_info", key=None).json()
+    finally:
+        srv.shutdown()
+    assert info["speculative"]["speculation"] == "adaptive"
+    backend = info["backend_info"]
+    assert backend["speculative"]["speculation"] == "adaptive"
+    rounds = backend["speculation_rounds"]
+    assert sum(r["rounds"] for r in rounds.values()) >= 1  # calibration rounds are not counted
+    assert sum(r["share"] for r in rounds.values()) == pytest.approx(1.0)
+    assert set(rounds) <= {"plain", "chain 1/1/2", "chain 2/1/3", "chain 3/1/4"}
+    overall = backend["round_time"]
+    assert overall["predicted_ms"] > 0 and overall["measured_ms"] > 0
+
+
 # ----------------------------------------------------------------------------- engine failures
 
 
@@ -355,6 +390,9 @@ class FakeBackend:
 
     def info(self) -> dict:
         return {}
+
+    def round_stats(self) -> None:
+        return None
 
     def check_health(self) -> None:
         pass

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from eyas.engine.sampling import sample_from_probs
+from eyas.engine.tree import tree_depths
 
 
 def accept_greedy(tokens: Tensor, parents: Tensor, target_argmax: Tensor
@@ -41,36 +42,32 @@ def accept_sampled(tokens: Tensor, parents: Tensor, probs: Tensor, uniforms: Ten
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Lossless acceptance for a tree whose candidates do not depend on the target's draws.
 
-    At the current node with target distribution p, visit its children in node order:
-    accept child x with probability p'(x) / sum(p'), where p' is p with the already
-    rejected siblings zeroed; on acceptance move to x. When every child is rejected (or the
-    node is a leaf) the bonus is drawn from p' (all drafted siblings removed). This is
-    sequential sampling from p, so the emitted tokens follow the target exactly.
+    Every node draws the target's token from its distribution p by inverse CDF with the
+    uniform of its depth (all nodes of a depth are candidates for the same output position),
+    then the greedy walk follows the drawn tokens. The emitted tokens are therefore exactly the
+    tokens plain sampling draws with the same uniforms, one per output position: the output
+    follows the target whatever tree (or plain round) produced it. Per node this is the
+    sequential rule (accept the first drafted child x with probability p(x), the next with its
+    share of what is left, else draw from p without them) coupled through one uniform: the
+    child x is accepted with probability p(x) and the bonus follows p with the drafted
+    children removed.
 
     tokens, parents (B, D) int64; probs (B, D, V) float target distribution at each node
-    (one-hot rows reproduce greedy decoding); uniforms (B, D + 1) in [0, 1): column c decides
-    node c's acceptance, column D draws the bonus.
+    (one-hot rows reproduce greedy decoding); uniforms (B, U) in [0, 1), U > the deepest
+    node's depth: column j draws at depth j (output position: the root's + j).
     """
-    B, D = tokens.shape
-    rows = torch.arange(B, device=tokens.device)
-    cur = torch.zeros(B, dtype=torch.long, device=tokens.device)
-    active = torch.ones(B, dtype=torch.bool, device=tokens.device)
-    residual = probs[:, 0].clone()  # (B, V) p' at the current node
-    path = [cur]
-    for _ in range(D - 1):
-        moved = torch.zeros_like(active)
-        for c in range(1, D):
-            tok = tokens[:, c : c + 1]  # (B, 1)
-            trial = active & ~moved & (parents[:, c] == cur)
-            p_tok = residual.gather(1, tok).squeeze(1)
-            accept = trial & (uniforms[:, c] * residual.sum(1) < p_tok)
-            reject = trial & ~accept
-            residual.scatter_(1, tok, torch.where(reject, 0.0, p_tok)[:, None])
-            cur = torch.where(accept, c, cur)
-            moved |= accept
-        residual = torch.where(moved[:, None], probs[rows, cur], residual)
-        active &= moved
-        path.append(cur)
-    path_t = torch.stack(path, dim=1)  # (B, D)
-    num_kept = 1 + (path_t[:, 1:] != path_t[:, :-1]).sum(1)
-    return path_t, num_kept, sample_from_probs(residual, uniforms[:, D])
+    B, D, V = probs.shape
+    u = uniforms.gather(1, tree_depths(parents))  # (B, D)
+    drawn = sample_from_probs(probs.reshape(B * D, V), u.reshape(B * D)).view(B, D)
+    return accept_greedy(tokens, parents, drawn)
+
+
+def accepted_counts(path: Tensor, kept: Tensor, tree_tokens: int) -> tuple[Tensor, Tensor]:
+    """Draft tokens each request accepted from the EAGLE-3 tree (nodes < ``tree_tokens``: the
+    lookup and corpus branches come after them), and in all; both (B,) int64.
+
+    path (B, D), kept (B,) int64 as ``accept_greedy`` returns them.
+    """
+    D = path.shape[1]
+    on_path = torch.arange(1, D, device=path.device)[None] < kept[:, None]  # (B, D-1)
+    return (on_path & (path[:, 1:] < tree_tokens)).sum(1), kept - 1

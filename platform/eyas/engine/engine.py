@@ -5,29 +5,38 @@ admitted requests (one forward each, emitting their first token), then runs ONE 
 decode round for the requests already running: a plain one-token decode, or a speculative
 round (draft extend -> tree growth [+ an n-gram lookup branch] -> one target forward over
 all trees -> per-request acceptance -> cache compaction). Requests join and leave between steps. ``step`` is
-synchronous and thread-safe; a serving layer calls it in a loop.
+synchronous and thread-safe; a serving layer calls it in a loop. Which round runs: the
+configured tree (``SpecConfig.mode="fixed"``, plain above ``max_speculative_batch``), or the
+setting of ``eyas.engine.policy`` for the batch at hand (``"adaptive"``); either way the
+rounds are counted per setting in ``Engine.round_records``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from eyas.engine.accept import accept_greedy, accept_sampled
+from eyas.engine.accept import accept_greedy, accept_sampled, accepted_counts
+from eyas.engine.costs import RoundShape
 from eyas.engine.kv_cache import KVCache, cache_attention_mask
 from eyas.engine.lookup import add_chains, ngram_lookup
 from eyas.engine.model import Transformer
 from eyas.engine.ngram_store import STORE_FILE, NgramStore
+from eyas.engine.policy import PLAIN, AdaptivePolicy, RoundRecords, Setting, candidate_settings
 from eyas.engine.sampling import (
     SamplingParams,
+    UniformStream,
     draw_uniforms,
     make_generator,
     probs_from_logits,
@@ -57,7 +66,10 @@ class SpecConfig:
     rounds with more requests running decode plainly (None = always speculate). Verifying a
     tree costs little more than one token while the forward is memory-bound and about D tokens
     once it is compute-bound; where that turns depends on the machine and the head, so measure
-    it (bench/decode_speed.py at several concurrencies)."""
+    it (bench/decode_speed.py at several concurrencies), or let ``mode="adaptive"`` choose per
+    round among plain decoding, chains of depth 1..S and the configured tree
+    (``eyas.engine.policy``; ``max_speculative_batch`` still caps it); ``calibrate`` times
+    every adaptive candidate on dummy requests when the engine starts (``Engine.calibrate``)."""
 
     draft_dir: str | None = None
     num_steps: int = 3
@@ -68,8 +80,15 @@ class SpecConfig:
     ngram_max: int = 3
     corpus_tokens: int = 0
     max_speculative_batch: int | None = None
+    mode: Literal["fixed", "adaptive"] = "fixed"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
+        if self.mode not in ("fixed", "adaptive"):
+            raise ValueError(f"mode={self.mode!r}: use 'fixed' (the configured tree every round) "
+                             "or 'adaptive' (a setting chosen per round)")
+        if self.calibrate and self.mode != "adaptive":
+            raise ValueError("calibrate=True times the adaptive candidates: set mode='adaptive'")
         if self.max_speculative_batch is not None and self.max_speculative_batch < 1:
             raise ValueError(f"max_speculative_batch={self.max_speculative_batch}: use >= 1, or "
                              "None to speculate at every batch size")
@@ -120,7 +139,7 @@ class _Request:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    uniforms: UniformStream | None  # None: greedy
     slot: int = -1
     output: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
@@ -164,6 +183,8 @@ class Engine:
         if self.spec is not None:
             validate_tree_knobs(self.spec.num_steps, self.spec.eagle_topk,
                                 self.spec.num_draft_tokens)
+            self.configured = Setting(self.spec.num_steps, self.spec.eagle_topk,
+                                      self.spec.num_draft_tokens)
         aux_ids = getattr(getattr(draft, "config", None), "aux_layer_ids", None)
         self.model = Transformer.from_pretrained(model_dir, dtype, device, aux_ids)
         cfg = self.model.config
@@ -184,6 +205,12 @@ class Engine:
         self.phase_seconds: Counter[str] = Counter()  # filled when record_phases is True
         self.phase_rounds: Counter[str] = Counter()
         self.record_phases = False
+        self.clock: Callable[[], float] = time.perf_counter  # times the rounds
+        self.round_records = RoundRecords()  # decode rounds per setting
+        self.policy = self._new_policy(max_batch_size)
+        self._forced: Setting | None = None  # set by calibrate()
+        if self.policy is not None and self.spec.calibrate:
+            self.calibrate()
 
     # ------------------------------------------------------------------ public API
 
@@ -200,7 +227,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"request {request_id!r}: prompt_ids outside [0, {vocab})")
-        gen = None if params.greedy else make_generator(params.seed, self.device)
+        gen = None if params.greedy else UniformStream(make_generator(params.seed, self.device))
         with self._lock:
             if request_id in self._ids:
                 raise ValueError(f"request_id {request_id!r} is already in flight; use a new id")
@@ -268,16 +295,71 @@ class Engine:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
 
+    def calibrate(self, batch_sizes: Sequence[int] | None = None, rounds: int = 2,
+                  prompt_len: int = 16) -> None:
+        """Time every adaptive candidate setting for ``rounds`` rounds at a few batch sizes
+        (default: 1, a quarter of the slots, all slots) on requests with random prompts of
+        ``prompt_len`` tokens, so the cost model starts measured. The acceptance they show
+        (random text) is forgotten, and neither they nor their rounds count in any record."""
+        if self.policy is None:
+            raise ValueError("calibrate() times the adaptive candidates: it needs a draft and "
+                             "SpecConfig(mode='adaptive')")
+        if self.has_unfinished():
+            raise RuntimeError("calibrate() needs an idle engine but requests are in flight")
+        slots = self.cache.lengths.shape[0]
+        length = max(1, min(prompt_len, self.max_seq_len // 2))
+        gen = torch.Generator().manual_seed(0)
+        params = SamplingParams(max_tokens=self.max_seq_len - length, ignore_eos=True)
+        try:
+            for B in batch_sizes or sorted({1, max(1, slots // 4), slots}):
+                prompts = torch.randint(self.model.config.vocab_size, (B, length), generator=gen)
+                ids = [f"calibrate-{B}-{i}" for i in range(B)]
+                for rid, prompt in zip(ids, prompts.tolist(), strict=True):
+                    self.add_request(rid, prompt, params)
+                self.step()  # prefill
+                for setting in self.policy.settings:
+                    self._forced = setting
+                    for _ in range(rounds):
+                        self.step()
+                self._forced = None
+                for rid in ids:
+                    self.abort(rid)
+                self.step()  # collects the aborted requests
+        finally:
+            self._forced = None
+        self.policy.forget_acceptance(slots)
+        self.round_records.reset()
+        self.totals = RequestStats()
+
     # ------------------------------------------------------------------ prefill and decode
 
     def _round(self, batch: list[_Request]) -> list[list[int]]:
-        """One decode round: speculative when there is a draft and the batch is at most
-        ``max_speculative_batch`` requests, else plain (which keeps the draft's inputs queued:
-        the next speculative round drafts over them first)."""
+        """One decode round, plain or speculative with the setting ``_choose`` picks (plain
+        rounds keep the draft's inputs queued: the next speculative round drafts over them
+        first); its time goes to ``round_records``."""
+        setting, predicted = self._choose(batch)
+        if setting.plain:
+            emitted, seconds = self._decode(batch)
+        else:
+            emitted, seconds = self._speculate(batch, setting)
+        self.round_records.add(setting.name, predicted, seconds)
+        return emitted
+
+    def _choose(self, batch: list[_Request]) -> tuple[Setting, float | None]:
+        """Plain without a draft or above ``max_speculative_batch``; else the configured tree
+        (fixed mode) or the policy's choice (adaptive; the forced setting while calibrating).
+        Returns the setting and, in adaptive mode, the predicted round seconds."""
         limit = self.spec.max_speculative_batch if self.spec else None
-        if self.draft is None or (limit is not None and len(batch) > limit):
-            return self._decode(batch)
-        return self._speculate(batch)
+        plain = self.draft is None or (limit is not None and len(batch) > limit)
+        if self.policy is None:
+            return (PLAIN if plain else self.configured), None
+        pending = max(len(r.pending_ids) for r in batch)
+        if plain or self._forced is not None:
+            setting = PLAIN if plain else self._forced
+            shape = self.policy.shape(setting, len(batch), pending)
+            return setting, self.policy.costs.predict(shape)
+        choice = self.policy.choose(np.array([r.slot for r in batch]), pending)
+        return choice.setting, choice.predicted_s
 
     def _add_lookup_branches(self, tree: DraftTree, batch: list[_Request]) -> DraftTree:
         """Hang each request's context-lookup chain, then its corpus chain, from its tree's root
@@ -317,11 +399,14 @@ class Engine:
                              ids[:, 1:], aux[:, :-1], counts)
             req.pending_ids = torch.tensor([first], device=self.device)
             req.pending_aux = aux[0, -1:]
+        if self.policy is not None:
+            self.policy.acceptance.admit(req.slot)
         return first
 
-    def _decode(self, batch: list[_Request]) -> list[list[int]]:
-        """One plain decode step: each request's root goes in, one sampled token comes out."""
-        start = self._clock()
+    def _decode(self, batch: list[_Request]) -> tuple[list[list[int]], float]:
+        """One plain decode step: each request's root goes in, one sampled token comes out.
+        Returns the tokens and the round's seconds."""
+        marks = [self._clock()]
         slots, lens = self._slots_and_lengths(batch)
         roots = torch.tensor([[r.root] for r in batch], device=self.device)  # (B, 1)
         one = torch.ones(1, 1, 1, dtype=torch.bool, device=self.device)
@@ -329,38 +414,43 @@ class Engine:
         pos = lens[:, None]
         logits, aux = self.model(roots, pos, self.cache, slots, pos, mask)
         self.cache.lengths[slots] += 1
+        marks.append(self._clock())
         sampled = self._sample(batch, logits[:, 0])  # (B,)
         tokens = sampled.tolist()
-        self._record("decode", start)
         for b, req in enumerate(batch):
             req.stats.verify_steps += 1
             if self.draft is not None:  # the root's features + the new token: next draft extend
                 req.pending_ids = torch.cat([req.pending_ids, sampled[b:b + 1]])
                 req.pending_aux = torch.cat([req.pending_aux, aux[b, :1]])
-        return [[t] for t in tokens]
+        marks.append(self._clock())
+        return [[t] for t in tokens], self._timed(PLAIN, batch, RoundShape(len(batch)), marks)
 
-    def _speculate(self, batch: list[_Request]) -> list[list[int]]:
-        """One EAGLE-3 round for the whole batch, each tree extended by the request's n-gram
-        lookup chain (when on); returns the tokens each request emits."""
-        spec, draft = self.spec, self.draft
-        assert spec is not None and draft is not None
-        start = self._clock()
+    def _speculate(self, batch: list[_Request], setting: Setting
+                   ) -> tuple[list[list[int]], float]:
+        """One EAGLE-3 round of ``setting`` for the whole batch, each tree extended by the
+        request's lookup and corpus chains (when on); returns the tokens each request emits
+        and the round's seconds."""
+        draft = self.draft
+        assert draft is not None
+        marks = [self._clock()]
         slots, lens = self._slots_and_lengths(batch)
         # Step 1: draft extend over what each request committed last round.
-        counts = torch.tensor([len(r.pending_ids) for r in batch], device=self.device)
-        ids = torch.nn.utils.rnn.pad_sequence([r.pending_ids for r in batch], batch_first=True)
+        ids_in = [r.pending_ids for r in batch]
+        counts = torch.tensor([len(ids) for ids in ids_in], device=self.device)
+        ids = torch.nn.utils.rnn.pad_sequence(ids_in, batch_first=True)
         aux = torch.nn.utils.rnn.pad_sequence([r.pending_aux for r in batch], batch_first=True)
         embed = self.model.embed_tokens
         last_out = draft_extend(draft, embed, self.draft_cache, slots, ids, aux, counts)
+        marks.append(self._clock())
         # Step 2: grow each request's tree from its root.
         roots = torch.tensor([r.root for r in batch], device=self.device)
         tree = grow_tree(draft, embed, self.draft_cache, slots, last_out, roots,
-                         spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+                         setting.num_steps, setting.topk, setting.num_draft_tokens)
         tree = self._add_lookup_branches(tree, batch)
-        start = self._record("draft", start)
+        marks.append(self._clock())
         # Step 3: ONE target forward over all trees (each row attends to its own slot).
         logits, tree_aux = self._verify(tree, slots, lens)
-        start = self._record("verify", start)
+        marks.append(self._clock())
         # Step 4: per-request acceptance, then keep only the accepted path in the cache.
         path, kept, bonus = self._accept(batch, tree, logits)
         self.cache.compact(slots, path, kept)
@@ -372,8 +462,12 @@ class Engine:
             req.pending_ids, req.pending_aux = tokens, tree_aux[b, nodes]
             req.stats.verify_steps += 1
             emitted.append(tokens.tolist())
-        self._record("accept", start)
-        return emitted
+        marks.append(self._clock())
+        shape = RoundShape(len(batch), setting.num_steps, setting.topk, tree.tokens.shape[1],
+                           max(len(ids) for ids in ids_in))
+        accepted = None if self.policy is None else tuple(
+            n.cpu().numpy() for n in accepted_counts(path, kept, setting.num_draft_tokens))
+        return emitted, self._timed(setting, batch, shape, marks, accepted)
 
     def _verify(self, tree: DraftTree, slots: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
         """Target forward over the (B, D) tree tokens -> logits (B, D, V), aux (B, D, 3H)."""
@@ -386,32 +480,47 @@ class Engine:
 
     def _accept(self, batch: list[_Request], tree: DraftTree, logits: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Greedy acceptance when every request is greedy, else the lossless sampled rule."""
+        """Greedy acceptance when every request is greedy, else the lossless sampled rule
+        (each sampled request uses up one uniform per emitted token)."""
         if all(r.params.greedy for r in batch):
             return accept_greedy(tree.tokens, tree.parents, logits.argmax(-1))
         B, D, V = logits.shape
         temp, top_k, top_p = self._param_tensors(batch)
         probs = probs_from_logits(logits.reshape(B * D, V), temp.repeat_interleave(D),
                                   top_k.repeat_interleave(D), top_p.repeat_interleave(D))
-        uniforms = draw_uniforms([r.generator for r in batch], D + 1, self.device)
-        return accept_sampled(tree.tokens, tree.parents, probs.view(B, D, V), uniforms)
+        uniforms = draw_uniforms([r.uniforms for r in batch], D, self.device)  # depths < D
+        path, kept, bonus = accept_sampled(tree.tokens, tree.parents, probs.view(B, D, V),
+                                           uniforms)
+        for req, k in zip(batch, kept.tolist(), strict=True):
+            if req.uniforms is not None:
+                req.uniforms.consume(k)
+        return path, kept, bonus
 
     # ------------------------------------------------------------------ helpers
 
     def _clock(self) -> float:
-        """perf_counter, after the device finished its queued work when phases are recorded."""
-        if self.record_phases and self.device.type == "cuda":
+        """``self.clock()`` (perf_counter), after the device finished its queued work when
+        phases are recorded or the adaptive policy times the rounds."""
+        if (self.record_phases or self.policy is not None) and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return self.clock()
 
-    def _record(self, phase: str, start: float) -> float:
-        """Add the time since ``start`` to ``phase`` (when recording); returns the new start."""
-        if not self.record_phases:
-            return start
-        now = self._clock()
-        self.phase_seconds[phase] += now - start
-        self.phase_rounds[phase] += 1
-        return now
+    def _timed(self, setting: Setting, batch: list[_Request], shape: RoundShape,
+               marks: list[float], accepted: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> float:
+        """Book a round: ``marks`` are clock readings around its phases (plain: verify,
+        accept; speculative: extend, grow, verify, accept); into ``phase_seconds`` when
+        recording, into the policy in adaptive mode. Returns the round's seconds."""
+        seconds = tuple(b - a for a, b in itertools.pairwise(marks))
+        if self.record_phases:
+            phases = ({"decode": sum(seconds)} if setting.plain else {
+                "draft": seconds[0] + seconds[1], "verify": seconds[2], "accept": seconds[3]})
+            self.phase_seconds.update(phases)
+            self.phase_rounds.update(phases.keys())
+        if self.policy is not None:
+            slots = np.array([r.slot for r in batch])
+            self.policy.observe(setting, slots, shape, seconds, *(accepted or ()))
+        return sum(seconds)
 
     def _sample(self, batch: list[_Request], logits: Tensor) -> Tensor:
         """logits (B, V) -> (B,) int64 tokens drawn with each request's parameters."""
@@ -419,7 +528,10 @@ class Engine:
             return logits.argmax(-1)
         temp, top_k, top_p = self._param_tensors(batch)
         probs = probs_from_logits(logits, temp, top_k, top_p)
-        uniforms = draw_uniforms([r.generator for r in batch], 1, self.device)[:, 0]
+        uniforms = draw_uniforms([r.uniforms for r in batch], 1, self.device)[:, 0]
+        for req in batch:
+            if req.uniforms is not None:
+                req.uniforms.consume(1)
         return sample_from_probs(probs, uniforms)
 
     def _param_tensors(self, batch: list[_Request]) -> tuple[Tensor, Tensor, Tensor]:
@@ -476,6 +588,13 @@ class Engine:
             self._tokenizer = _load_tokenizer(self.model_dir)
         tok = self._tokenizer
         return lambda ids: tok.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def _new_policy(self, num_slots: int) -> AdaptivePolicy | None:
+        """The adaptive policy over ``candidate_settings`` (None in fixed mode)."""
+        if self.spec is None or self.draft is None or self.spec.mode != "adaptive":
+            return None
+        return AdaptivePolicy(candidate_settings(self.spec.num_steps, self.spec.eagle_topk,
+                                                 self.spec.num_draft_tokens), num_slots)
 
     def _new_draft_cache(self, num_slots: int, max_len: int) -> KVCache:
         """A one-layer cache shaped like the draft's K/V (probed with a one-token pass)."""

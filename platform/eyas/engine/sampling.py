@@ -1,8 +1,9 @@
 """Per-request sampling: parameters, logits -> probabilities, seeded draws, stop conditions.
 
-Randomness is drawn as uniforms from each request's own ``torch.Generator`` and turned into
-tokens by inverse-CDF lookup, so a seeded request reproduces exactly whatever else runs in
-the same batch, and speculative acceptance can reuse the same pure-tensor machinery.
+Randomness is drawn as uniforms from each request's own ``torch.Generator``, one per output
+position (``UniformStream``), and turned into tokens by inverse-CDF lookup: a seeded request
+reproduces exactly whatever else runs in the same batch and whichever speculation setting each
+round uses, and speculative acceptance reuses the same pure-tensor machinery.
 """
 
 from __future__ import annotations
@@ -57,12 +58,39 @@ def make_generator(seed: int | None, device: str | torch.device) -> torch.Genera
     return gen
 
 
-def draw_uniforms(generators: Sequence[torch.Generator | None], n: int,
+class UniformStream:
+    """A request's uniforms in [0, 1): the one at index t decides its output token t (the first,
+    from prefill, is t = 0), whichever round and setting produce that token.
+
+    ``peek(n)`` shows the next n without using them; ``consume(k)`` drops the k that decided
+    the tokens a round emitted. Draws come from the request's generator in blocks of
+    ``BLOCK``, so the sequence does not depend on how rounds consume it (CUDA generators give
+    other numbers for rand(1) twice than for rand(2)).
+    """
+
+    BLOCK = 64
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self._buffer = torch.empty(0, device=generator.device)
+
+    def peek(self, n: int) -> Tensor:
+        """(n,) float32, the next n uniforms."""
+        while len(self._buffer) < n:
+            block = torch.rand(self.BLOCK, generator=self.generator, device=self.generator.device)
+            self._buffer = torch.cat([self._buffer, block])
+        return self._buffer[:n]
+
+    def consume(self, k: int) -> None:
+        self._buffer = self._buffer[k:]
+
+
+def draw_uniforms(streams: Sequence[UniformStream | None], n: int,
                   device: str | torch.device) -> Tensor:
-    """(B, n) float32 uniforms in [0, 1), row b from ``generators[b]``; zeros where None."""
-    rows = [torch.zeros(n, device=device) if g is None else
-            torch.rand(n, generator=g, device=device) for g in generators]
-    return torch.stack(rows)
+    """(B, n) float32: row b the next n uniforms of ``streams[b]`` (not consumed); zeros where
+    None (greedy rows)."""
+    return torch.stack([torch.zeros(n, device=device) if s is None else s.peek(n)
+                        for s in streams])
 
 
 def probs_from_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

@@ -54,11 +54,13 @@ def request_line(r: RequestRecord) -> str:
 
 
 def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """Rows as CSV; ``errors_by_kind`` becomes ``kind:count;kind:count``, NaN an empty cell."""
+    """Rows as CSV; ``errors_by_kind`` becomes ``kind:count;kind:count``, ``speculation_shares``
+    ``setting:share;...``, NaN an empty cell."""
     flat = []
     for row in rows:
         errs = ";".join(f"{k}:{v}" for k, v in row.get("errors_by_kind", {}).items())
-        flat.append(clean({**row, "errors_by_kind": errs}))
+        shares = ";".join(f"{k}:{v:.3f}" for k, v in (row.get("speculation_shares") or {}).items())
+        flat.append(clean({**row, "errors_by_kind": errs, "speculation_shares": shares}))
     buf = io.StringIO()
     if flat:
         writer = csv.DictWriter(buf, fieldnames=list(flat[0]))
@@ -231,7 +233,9 @@ def _join(cells: list[str], widths: list[int]) -> str:
 
 def format_table(result: LoadTestResult) -> str:
     """Fixed-width table; the speedups compare each endpoint with the first at the same point:
-    ``x thrpt`` = output throughput ratio, ``x TPOT`` = first's median TPOT / this one's."""
+    ``x thrpt`` = output throughput ratio, ``x TPOT`` = first's median TPOT / this one's. Below
+    it, per point and endpoint: the speculation settings' shares of the decode rounds (servers
+    that report them) and requests lost with a replica."""
     header = ["point", "endpoint", "req/s", "out tok/s", "TTFT p50", "TPOT p50", "ITL p50",
               "acc len", "err %", "x thrpt", "x TPOT"]
     lines, base = [], {}
@@ -246,6 +250,10 @@ def format_table(result: LoadTestResult) -> str:
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     body = [_join(row, widths) for row in [header, ["-" * w for w in widths], *lines]]
     for r in result.rows:
+        if r.get("speculation_shares"):
+            shares = ", ".join(f"{name} {100 * v:.0f}%" for name, v in
+                               sorted(r["speculation_shares"].items(), key=lambda kv: -kv[1]))
+            body.append(f"  {r['point']} {r['endpoint']}: decode rounds {shares}")
         if r.get("replica_lost"):
             back = r.get("recovery_s")
             when = ("not back before the point ended" if back is None or math.isnan(back)

@@ -412,6 +412,27 @@ def server_info(target: Target, timeout_s: float = 10.0) -> dict[str, Any] | Non
         return None
 
 
+def round_counts(info: dict[str, Any] | None) -> dict[str, int] | None:
+    """Decode rounds per speculation setting in a ``/v1/server_info`` answer (the eyas engine's
+    ``backend_info.speculation_rounds``); None when the server reports none."""
+    rounds = ((info or {}).get("backend_info") or {}).get("speculation_rounds")
+    return {name: int(r["rounds"]) for name, r in rounds.items()} if rounds else None
+
+
+def round_shares(before: dict[str, int] | None, after: dict[str, int] | None
+                 ) -> dict[str, float] | None:
+    """Each setting's share of the decode rounds run between two ``round_counts``; None when
+    either is missing, nothing ran, or a count went down (another replica answered: with
+    several replicas per endpoint the reads may hit different ones)."""
+    if before is None or after is None:
+        return None
+    delta = {name: n - before.get(name, 0) for name, n in after.items()}
+    total = sum(delta.values())
+    if total <= 0 or min(delta.values()) < 0 or set(before) - set(after):
+        return None
+    return {name: d / total for name, d in sorted(delta.items()) if d}
+
+
 def request_bodies(cfg: LoadTestConfig, ep: EndpointConfig,
                    prompts: list[Prompt]) -> list[dict[str, Any]]:
     """One request body per prompt for ``ep``; a prompt with its own output length (the random
@@ -421,8 +442,9 @@ def request_bodies(cfg: LoadTestConfig, ep: EndpointConfig,
                        cfg.extra_body) for p in prompts]
 
 
-def start_actors(cfg: LoadTestConfig) -> list[Any]:
-    """``num_client_actors`` client actors, spread over nodes, each told every endpoint."""
+def start_actors(cfg: LoadTestConfig, targets: dict[str, Target]) -> list[Any]:
+    """``num_client_actors`` client actors, spread over nodes, each told every endpoint
+    (``targets``: ``endpoint_target`` per endpoint name)."""
     import ray
 
     prompts = load_prompts(cfg.workload, cfg.seed, cfg.endpoints[0].model, cfg.max_tokens)
@@ -431,7 +453,7 @@ def start_actors(cfg: LoadTestConfig) -> list[Any]:
     calls = []
     infos = {}
     for ep in cfg.endpoints:
-        target = endpoint_target(ep, cfg.workload.chat)
+        target = targets[ep.name]
         infos[ep.name] = server_info(target)
         bodies_ref = ray.put(request_bodies(cfg, ep, prompts))
         calls += [a.set_endpoint.remote(ep.name, target, bodies_ref) for a in actors]
@@ -449,11 +471,15 @@ def stop_actors(actors: list[Any]) -> None:
         ray.kill(a)
 
 
-def measure_point(cfg: LoadTestConfig, actors: list[Any], point: Point,
-                  ep: EndpointConfig) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """Warm up, then measure one endpoint at one point; its summary row and its records."""
+def measure_point(cfg: LoadTestConfig, actors: list[Any], point: Point, ep: EndpointConfig,
+                  target: Target) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """Warm up, then measure one endpoint at one point; its summary row and its records. The
+    row's ``speculation_shares``: the share of the server's decode rounds per speculation
+    setting over the point, warm-up included (from ``/v1/server_info`` before and after)."""
+    before = round_counts(server_info(target))
     results = [run_phase(actors, plans, f"{ep.name} {point.label}", cfg.progress)
                for plans in point_phases(cfg, point, ep.name, len(actors))]
+    shares = round_shares(before, round_counts(server_info(target)))
     res = results[-1]  # a separate warm-up phase returns no records
     row = {"endpoint": ep.name, "point": point.label,
            "mode": "concurrency" if point.concurrency is not None else "rate",
@@ -461,7 +487,8 @@ def measure_point(cfg: LoadTestConfig, actors: list[Any], point: Point,
            "max_in_flight": res.max_in_flight,
            "warmup_requests": warmup_count(cfg, point),
            "warmup_failed": sum(r.warmup_failed for r in results),
-           **summarize(res.records, cfg.slo.ttft_ms, cfg.slo.tpot_ms)}
+           **summarize(res.records, cfg.slo.ttft_ms, cfg.slo.tpot_ms),
+           "speculation_shares": shares}
     return row, res.records
 
 
@@ -470,13 +497,14 @@ def run_load_test(cfg: LoadTestConfig) -> LoadTestResult:
     under ``cfg.output`` (requests.jsonl, summary.json/.csv, plots, manifest.json)."""
     from eyas.loadtest.report import write_results
 
-    actors = start_actors(cfg)
+    targets = {ep.name: endpoint_target(ep, cfg.workload.chat) for ep in cfg.endpoints}
+    actors = start_actors(cfg, targets)
     rows: list[dict[str, Any]] = []
     records: list[RequestRecord] = []
     try:
         for point in sweep_points(cfg):
             for ep in cfg.endpoints:
-                row, recs = measure_point(cfg, actors, point, ep)
+                row, recs = measure_point(cfg, actors, point, ep, targets[ep.name])
                 rows.append(row)
                 records.extend(recs)
     finally:

@@ -41,6 +41,10 @@ class SpeculativeConfig(StrictModel):
     ngram_tokens: int = Field(0, ge=0)
     corpus_tokens: int = Field(0, ge=0)
     max_speculative_batch: int | None = Field(None, ge=1)
+    # eyas engine only: "adaptive" picks each round's setting (plain, chains of depth 1..S, the
+    # configured tree) from measured costs and acceptance (eyas.engine.policy), after a short
+    # timing warm-up when the replica starts; "fixed" runs the configured tree every round
+    speculation: Literal["fixed", "adaptive"] = "fixed"
 
     @model_validator(mode="after")
     def _knobs(self) -> SpeculativeConfig:
@@ -197,6 +201,12 @@ class ServeConfig(StrictModel):
                              "eyas engine options (n-gram branches verified with the EAGLE-3 tree; "
                              "plain decoding above a batch size); SGLang's EAGLE3 has none of them: "
                              "remove them")
+        if self.backend == "sglang" and spec is not None and spec.speculation == "adaptive":
+            raise ValueError("speculative.speculation: adaptive is an eyas engine option; "
+                             "SGLang runs one static num_steps/eagle_topk/num_draft_tokens per "
+                             "server and cannot change it per round: set speculation: fixed (or "
+                             "remove it) and pick the setting per load band (the tuning job's "
+                             "recommendation), or use backend eyas")
         return self
 
     @property

@@ -177,7 +177,7 @@ class OpenAIServer:
         self._api_key = read_api_key(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_serving_tokenizer(cfg)
         self.backend = backend if backend is not None else make_backend(cfg, self.tokenizer)
-        self.stats = ServeStats(self.model)
+        self.stats = ServeStats(self.model, rounds=self.backend.round_stats)
         self.created = int(time.time())
         self.admission = Admission(cfg.deployment.max_ongoing_requests, cfg.max_queued_requests)
 

@@ -10,13 +10,20 @@ Ray metrics (``eyas.metrics``; tag ``model``), one series per replica:
 - ``eyas_serve_running_requests`` / ``eyas_serve_queued_requests`` (gauges): in flight with /
   without a first token.
 - ``eyas_serve_requests_total`` (counter, tag ``finish_reason``: stop, length, abort, error).
+- ``eyas_serve_speculation_round_share`` (gauge, tag ``setting``: plain, chain 3/1/4,
+  tree 5/4/8, ...): the share of this replica's decode rounds run with each setting (the
+  eyas engine; with ``speculation: adaptive`` it picks one per round).
+- ``eyas_serve_round_time_predicted_seconds`` / ``eyas_serve_round_time_measured_seconds``
+  (gauges, tag ``setting``): the adaptive policy's predicted and the measured mean round time.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from eyas import metrics
 from eyas.serve.backends.base import SpecStats
@@ -30,6 +37,7 @@ class ServeStats:
     """Counters of one replica; ``publish`` pushes them to Ray metrics (throttled)."""
 
     model: str
+    rounds: Callable[[], dict[str, dict[str, Any]] | None] | None = None  # Backend.round_stats
     window_s: float = 10.0
     publish_every_s: float = 1.0
     queued: set[str] = field(default_factory=set)
@@ -101,6 +109,20 @@ class ServeStats:
         if self.acceptance_length is not None:
             metrics.set_gauge("eyas_serve_acceptance_length", self.acceptance_length,
                               "tokens per target verification step", **tags)
+        self._publish_rounds(tags)
+
+    def _publish_rounds(self, tags: dict[str, str]) -> None:
+        """The decode rounds' gauges per speculation setting (when the backend counts them)."""
+        for setting, rec in ((self.rounds() if self.rounds else None) or {}).items():
+            metrics.set_gauge("eyas_serve_speculation_round_share", rec["share"],
+                              "share of decode rounds run with this speculation setting",
+                              setting=setting, **tags)
+            for kind in ("predicted", "measured"):
+                if rec[f"{kind}_ms"] is not None:
+                    metrics.set_gauge(f"eyas_serve_round_time_{kind}_seconds",
+                                      rec[f"{kind}_ms"] / 1e3,
+                                      f"{kind} mean decode round time of this setting",
+                                      setting=setting, **tags)
 
     def snapshot(self) -> dict:
         """The numbers ``/v1/server_info`` shows."""

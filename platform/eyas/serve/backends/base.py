@@ -75,6 +75,10 @@ class Backend(Protocol):
     def info(self) -> dict[str, Any]:
         """Backend state for ``/v1/server_info`` (slots, queue, engine settings)."""
 
+    def round_stats(self) -> dict[str, dict[str, Any]] | None:
+        """Decode rounds per speculation setting (share, predicted vs measured mean round
+        time, ``eyas.engine.policy.RoundRecords.snapshot``); None when the backend has none."""
+
     def check_health(self) -> None:
         """Raise RuntimeError when the backend can no longer serve (Serve restarts it)."""
 

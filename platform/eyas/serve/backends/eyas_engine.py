@@ -195,9 +195,11 @@ class EyasBackend:
             knobs = cfg.speculative
             tree = ((knobs.num_steps, knobs.eagle_topk, knobs.num_draft_tokens) if knobs.knobs_set
                     else ())
+            adaptive = knobs.speculation == "adaptive"
             spec = SpecConfig(draft_dir, *tree, ngram_tokens=knobs.ngram_tokens,
                               corpus_tokens=knobs.corpus_tokens,
-                              max_speculative_batch=knobs.max_speculative_batch)
+                              max_speculative_batch=knobs.max_speculative_batch,
+                              mode=knobs.speculation, calibrate=adaptive)
         self.tokenizer = tokenizer
         self.engine = Engine(target_model_path(cfg.model), spec=spec, device=ecfg.device,
                              dtype=getattr(torch, ecfg.dtype), max_batch_size=ecfg.max_batch_size,
@@ -238,9 +240,16 @@ class EyasBackend:
                 "algorithm": "EAGLE3", "num_steps": spec.num_steps,
                 "eagle_topk": spec.eagle_topk, "num_draft_tokens": spec.num_draft_tokens,
                 "ngram_tokens": spec.ngram_tokens, "corpus_tokens": spec.corpus_tokens,
-                "max_speculative_batch": spec.max_speculative_batch},
+                "max_speculative_batch": spec.max_speculative_batch, "speculation": spec.mode},
+            "speculation_rounds": self.round_stats(),
+            "round_time": None if spec is None else self.engine.round_records.overall(),
             "last_engine_error": self._loop.last_error,
         }
+
+    def round_stats(self) -> dict[str, dict[str, Any]] | None:
+        """Decode rounds per setting since the replica started (``RoundRecords.snapshot``:
+        share, predicted vs measured mean round time); None without speculation."""
+        return None if self.engine.spec is None else self.engine.round_records.snapshot()
 
     def check_health(self) -> None:
         if not self._loop.alive:

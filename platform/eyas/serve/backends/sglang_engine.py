@@ -287,6 +287,10 @@ class SGLangBackend:
     def info(self) -> dict[str, Any]:
         return info_dict(self.kwargs, self.max_context, self._resolved_max_running())
 
+    def round_stats(self) -> None:
+        """None: SGLang runs one static speculation setting per server (no per-round choice)."""
+        return None
+
     def _resolved_max_running(self) -> int | None:
         """SGLang's resolved ``max_running_requests`` when its tokenizer manager shows it."""
         args = getattr(getattr(self.engine, "tokenizer_manager", None), "server_args", None)
