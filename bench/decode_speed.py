@@ -46,6 +46,8 @@ from eyas.assets import resolve_asset  # noqa: E402
 from eyas.targets import resolve_dtype, resolve_target  # noqa: E402
 
 PROMPTS = "assets:datasets/prompts/vicuna_bench_question.jsonl"  # held out of training
+MAX_SEQ_LEN = 2048  # KV cache per slot: the chat prompts + --tokens fit; the model's 8192 would
+#                     preallocate ~3 GB per engine at C=4
 # name: (S steps, K top-k, D tree tokens, n-gram lookup branch tokens, corpus branch tokens,
 #        max_speculative_batch, mode); the corpus branch needs the draft dir's ngram_store.npz
 SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None, "fixed"), "chain 5/1/6": (5, 1, 6, 0, 0, None, "fixed"),
@@ -60,6 +62,7 @@ SETTINGS = {"chain 3/1/4": (3, 1, 4, 0, 0, None, "fixed"), "chain 5/1/6": (5, 1,
             "chain 3/1/4 +ngram 4 +corpus 4 B<=1": (3, 1, 4, 4, 4, 1, "fixed"),
             "adaptive 5/1/6": (5, 1, 6, 0, 0, None, "adaptive"),
             "adaptive 6/2/8": (6, 2, 8, 0, 0, None, "adaptive"),
+            "adaptive 5/1/6 +ngram 4": (5, 1, 6, 4, 0, None, "adaptive"),
             "adaptive 5/1/6 +ngram 4 +corpus 4": (5, 1, 6, 4, 4, None, "adaptive")}
 Knobs = tuple[int, int, int, int, int, int | None, str]
 Groups = list[list[list[int]]]  # G groups of C prompts each
@@ -137,7 +140,8 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
         if prompt_lookup and name == "bfloat16":
             rows["(b) transformers prompt lookup bf16"] = (
                 lambda p, n, hf=hf: hf_prompt_lookup(hf, p, n), None)
-    engines = {"(c) eyas engine": (Engine(model_dir, dtype=dtype, max_batch_size=max_c), None)}
+    engines = {"(c) eyas engine": (Engine(model_dir, dtype=dtype, max_batch_size=max_c,
+                                           max_seq_len=MAX_SEQ_LEN), None)}
     for name in settings if draft_dir else ():
         knobs = SETTINGS[name]
         adaptive = knobs[6] == "adaptive"  # timed on dummy requests when built (calibrate)
@@ -145,7 +149,7 @@ def build_rows(model_dir: str, draft_dir: str | None, max_c: int, dtype: torch.d
             Engine(model_dir, SpecConfig(draft_dir, *knobs[:4], corpus_tokens=knobs[4],
                                          max_speculative_batch=knobs[5], mode=knobs[6],
                                          calibrate=adaptive),
-                   dtype=dtype, max_batch_size=max_c), knobs)
+                   dtype=dtype, max_batch_size=max_c, max_seq_len=MAX_SEQ_LEN), knobs)
     for name, (eng, knobs) in engines.items():
         eng.record_phases = True
         rows[name] = (lambda p, n, eng=eng: eyas_generate(eng, p, n), knobs)
