@@ -233,17 +233,23 @@ def test_cold_start_runs_every_setting_once_deepest_first():
     assert order == ["chain 3/1/4", "chain 2/1/3", "chain 1/1/2", "plain"]
 
 
+def drive(policy: AdaptivePolicy, machine: Machine, slots: np.ndarray, rounds: int,
+          accepted: int) -> list[str]:
+    """Let the policy choose ``rounds`` rounds on ``machine``; the names of its picks."""
+    picks = []
+    for _ in range(rounds):
+        choice = policy.choose(slots, pending=PENDING)
+        picks.append(choice.setting.name)
+        run_round(policy, machine, choice.setting, slots, accepted=accepted)
+    return picks
+
+
 def test_exploration_measures_the_probes_within_its_budget():
     """Plain wins, yet the deepest chain and the tree still run: each once its rounds since
     the last run, times the budget share of the plain round's time, cover its regret."""
     machine = Machine(fixed=2e-3, per_token=1e-3)
     policy = trained(machine, accepted=1, batch=8)
-    slots = np.arange(8)
-    picks = []
-    for _ in range(2000):
-        choice = policy.choose(slots, pending=PENDING)
-        picks.append(choice.setting.name)
-        run_round(policy, machine, choice.setting, slots, accepted=1)
+    picks = drive(policy, machine, np.arange(8), rounds=2000, accepted=1)
     assert picks.count("plain") > 0.9 * len(picks)
     probes = [name for name in picks if name in ("chain 5/1/6", "tree 5/4/8")]
     assert set(probes) == {"chain 5/1/6", "tree 5/4/8"}
@@ -279,10 +285,5 @@ def test_round_records_give_shares_and_prediction_error():
 def test_a_probe_far_behind_still_runs_every_max_explore_interval():
     machine = Machine(fixed=0.0, per_token=1e-3, step=1e-3)
     policy = trained(machine, accepted=0, batch=32, cfg=PolicyConfig(max_explore_interval=50))
-    slots = np.arange(32)
-    picks = []
-    for _ in range(120):
-        choice = policy.choose(slots, pending=PENDING)
-        picks.append(choice.setting.name)
-        run_round(policy, machine, choice.setting, slots, accepted=0)
+    picks = drive(policy, machine, np.arange(32), rounds=120, accepted=0)
     assert picks.count("tree 5/4/8") == 2 and picks.count("chain 5/1/6") == 2
