@@ -87,6 +87,13 @@ def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     proc.wait(timeout=10)
 
 
+def user_shell_env() -> dict[str, str]:
+    """This process's environment as a user's shell would have it: no Ray address or eyas
+    home/assets from the test run, token auth off (as the README's local cluster)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EYAS_HOME", "EYAS_ASSETS")}
+    return {**env, "RAY_AUTH_MODE": "disabled"}
+
+
 def start_head(temp_dir: str, log: Path, cwd: Path) -> tuple[subprocess.Popen, int]:
     """`ray start --head` in ``cwd`` (the README runs it from the checkout root) with the venv
     active (its bin first on PATH), private ports, 2 CPUs."""
@@ -94,9 +101,9 @@ def start_head(temp_dir: str, log: Path, cwd: Path) -> tuple[subprocess.Popen, i
                                              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                                              "--metrics-export-port", "--node-manager-port",
                                              "--object-manager-port", "--runtime-env-agent-port")}
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EYAS_HOME", "EYAS_ASSETS")}
+    env = user_shell_env()
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(VENV_BIN.parent),
-               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0")
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
            "--disable-usage-stats"]
@@ -144,10 +151,8 @@ def submit(client, checkout: Path, args: list[str], env_vars: dict[str, str] | N
 
 def serve_cli(args: list[str], checkout: Path, dashboard_port: int) -> str:
     """``serve <args> --address <dashboard>`` run in the checkout; its stdout (fails on error)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EYAS_HOME")}
     done = subprocess.run([str(VENV_BIN / "serve"), *args, "--address", f"http://127.0.0.1:{dashboard_port}"],
-                          cwd=checkout, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
-                          text=True, timeout=120)
+                          cwd=checkout, env=user_shell_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
     return done.stdout
 
