@@ -110,9 +110,10 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     assert failed, "the kill failed no request: the replica was idle or not killed"
     # Lost with the replica, counted as replica_lost: those still waiting in it get Ray's
     # plain-text 500; those it was already streaming (200 sent, at most max_ongoing_requests)
-    # are cut mid-body. Rarely (twice in CI) Ray's proxy hands a request the dead replica had
-    # taken to the new replica WITHOUT its body: the app then answers its own JSON 408 ("0 bytes
-    # came") after body_timeout_s. Lost with the replica too, but an answer of the app: http_408.
+    # are cut mid-body. Rarely (3 times in CI) Ray's proxy hands a request the dead replica had
+    # taken to the new replica WITHOUT its body: once that replica is up (within the recovery
+    # bound) the app answers its own JSON 408 ("0 bytes came") after body_timeout_s. Lost with
+    # the replica too, but an answer of the app: http_408.
     lost = [r for r in failed if r.error_kind == "replica_lost"]
     stranded = [r for r in failed if r.error_kind == "http_408" and "(0 bytes came)" in r.error]
     assert len(lost) + len(stranded) == len(failed), kinds
@@ -124,7 +125,8 @@ def test_killed_replica_loses_only_in_flight_requests_and_recovers(url) -> None:
     assert len(failed) <= CONCURRENCY, kinds
     assert all(r.start <= kill_end for r in failed), [r.start - kill_end for r in failed]
     assert all(r.end - kill_start <= 10.0 for r in lost), [r.end - kill_start for r in lost]
-    assert all(r.end - kill_start <= BODY_TIMEOUT_S + 10.0 for r in stranded), kinds
+    assert all(r.end - kill_start <= RECOVERY_BOUND_S + BODY_TIMEOUT_S for r in stranded), \
+        [r.end - kill_start for r in stranded]
     # Whatever was sent after the first loss reached the client succeeded.
     first_loss = min(r.end for r in failed)
     later = [r for r in records if r.start >= first_loss]
