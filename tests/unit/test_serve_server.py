@@ -153,17 +153,17 @@ def test_api_key_env_must_be_set(stories260k) -> None:
     assert "runtime_env.env_vars" not in str(info.value)  # no longer recommended: Ray logs it
 
 
-def test_api_key_from_a_file(stories260k, tmp_path) -> None:
-    from eyas.serve.server import read_api_key
+def test_api_key_from_a_file(tmp_path) -> None:
+    from eyas.api_key import read_api_key
 
     key_file = tmp_path / "key"
     key_file.write_text("file-key\n")
-    assert read_api_key(ServeConfig(model="m", api_key_file=str(key_file))) == "file-key"
+    assert read_api_key(str(key_file), None) == "file-key"
     with pytest.raises(ValueError, match="cannot be read"):
-        read_api_key(ServeConfig(model="m", api_key_file=str(tmp_path / "absent")))
+        read_api_key(str(tmp_path / "absent"), None)
     key_file.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        read_api_key(ServeConfig(model="m", api_key_file=str(key_file)))
+        read_api_key(str(key_file), None)
 
 
 def test_api_key_in_runtime_env_is_refused() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from eyas.api_key import read_api_key as read_key
+from eyas.api_key import read_api_key
 from eyas.serve.api import (
     SSE_DONE,
     APIError,
@@ -63,12 +63,6 @@ def load_serving_tokenizer(cfg: ServeConfig) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def read_api_key(cfg: ServeConfig) -> str | None:
-    """The app's API key from ``cfg.api_key_file`` or the node's ``cfg.api_key_env`` (None: auth
-    off; ``eyas.api_key.read_api_key``)."""
-    return read_key(cfg.api_key_file, cfg.api_key_env)
 
 
 class Admission:
@@ -174,7 +168,7 @@ class OpenAIServer:
                  tokenizer: Any | None = None) -> None:
         self.cfg = cfg
         self.model = cfg.model_name
-        self._api_key = read_api_key(cfg)
+        self._api_key = read_api_key(cfg.api_key_file, cfg.api_key_env)
         self.tokenizer = tokenizer if tokenizer is not None else load_serving_tokenizer(cfg)
         self.backend = backend if backend is not None else make_backend(cfg, self.tokenizer)
         self.stats = ServeStats(self.model, rounds=self.backend.round_stats)
