@@ -388,6 +388,8 @@ def test_speculation_shares_per_point_from_server_info() -> None:
     assert round_counts(None) is None
     assert round_shares(after, before) is None  # counts went down: another replica answered
     assert round_shares(before, before) is None  # no round in between
+    # A replica that has not decoded yet reports no rounds: its first point still gets shares.
+    assert round_shares(round_counts(info()), before) == {"chain 3": 0.75, "plain": 0.25}
 
 
 def test_table_and_csv_show_speculation_shares() -> None:

@@ -414,9 +414,10 @@ def server_info(target: Target, timeout_s: float = 10.0) -> dict[str, Any] | Non
 
 def round_counts(info: dict[str, Any] | None) -> dict[str, int] | None:
     """Decode rounds per speculation setting in a ``/v1/server_info`` answer (the eyas engine's
-    ``backend_info.speculation_rounds``); None when the server reports none."""
+    ``backend_info.speculation_rounds``; empty before the first round); None when the server
+    reports none."""
     rounds = ((info or {}).get("backend_info") or {}).get("speculation_rounds")
-    return {name: int(r["rounds"]) for name, r in rounds.items()} if rounds else None
+    return None if rounds is None else {name: int(r["rounds"]) for name, r in rounds.items()}
 
 
 def round_shares(before: dict[str, int] | None, after: dict[str, int] | None
