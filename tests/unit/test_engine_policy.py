@@ -190,6 +190,34 @@ def test_tree_uses_its_observed_acceptance_and_branches_add_theirs():
     assert acc.global_tree == 4.0
 
 
+def test_plain_rounds_bring_a_request_back_toward_the_global_estimate():
+    """A request that rejected every draft while the others accepted is decoded plainly; its
+    plain rounds measure nothing, so its estimate drifts back to the global one until a
+    speculative round is worth trying again (without this it stayed plain for good)."""
+    cfg = PolicyConfig(explore_budget=0.0, max_explore_interval=10**9)  # no probe rounds
+    machine, chain5 = Machine(per_token=1e-3), Setting(5, 1, 6)  # each tree token costs
+    policy = AdaptivePolicy(candidate_settings(5, 1, 6), num_slots=4, cfg=cfg)
+    for slot in (0, 1):
+        policy.acceptance.admit(slot)
+    for setting in policy.settings:  # both requests accept everything
+        run_round(policy, machine, setting, np.arange(2), accepted=5)
+    for _ in range(20):  # then request 0 rejects every draft, request 1 keeps accepting
+        shape = policy.shape(chain5, 2, PENDING)
+        policy.observe(chain5, np.arange(2), shape, machine.seconds(shape),
+                       np.array([0, 5]), np.array([0, 5]))
+    lone = np.array([0])
+    assert policy.choose(lone, pending=PENDING).setting == PLAIN
+    global_before = policy.acceptance.global_chain.copy()
+    rounds = 0
+    while policy.choose(lone, pending=PENDING).setting == PLAIN:
+        shape = policy.shape(PLAIN, 1, PENDING)
+        policy.observe(PLAIN, lone, shape, machine.seconds(shape))
+        rounds += 1
+        assert rounds < 50, "a plain round never brought the request back"
+    assert rounds > 1  # what it showed still counts for a while
+    np.testing.assert_array_equal(policy.acceptance.global_chain, global_before)
+
+
 # ----------------------------------------------------------------------------- the choice
 
 

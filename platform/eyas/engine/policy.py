@@ -14,7 +14,10 @@ are then paid in full. So the best setting depends on the batch, the machine and
   observation, so the first rounds move an estimate quickly); a chain of depth d accepts
   sum_{j<=d} prod_{k<=j} a_k. The tree: its observed accepted draft tokens (EMA; before any
   tree round, the deepest chain's estimate). Branches: the tokens accepted beyond the EAGLE-3
-  path (EMA), added to every speculative setting.
+  path (EMA), added to every speculative setting. A plain round measures nothing, so in
+  each one the batch's estimates move ``PolicyConfig.relax`` of the way back to the global
+  ones: a request that rejected a few drafts is not left on plain decoding for good (its
+  text may have turned predictable again; only a speculative round can tell).
 - Round time: ``eyas.engine.costs.CostModel``, measured on this engine (optional warm-up,
   ``Engine.calibrate``, then every timed round).
 - Exploration: a plain round measures no draft, and a chain of depth d measures depths <= d
@@ -87,6 +90,7 @@ class PolicyConfig:
     prior: float = 0.7  # conditional acceptance per depth before anything is measured
     alpha_request: float = 0.3  # EMA weight of a request's own new round
     alpha_global: float = 0.1  # EMA weight of a round's batch mean in the global estimate
+    relax: float = 0.1  # per plain round: share of the way a request's estimates go back to global
     explore_budget: float = 0.02  # the share of decode time exploration may cost
     max_explore_interval: int = 1000  # rounds: a probe runs at least this often
     cost_alpha: float = COST_ALPHA
@@ -153,6 +157,16 @@ class Acceptance:
                 self.tree[self.g] = eagle.mean()
             self._learn(self.tree, self.tree_n, slots, eagle.astype(float))
         self._learn(self.branch, self.branch_n, slots, (total - eagle).astype(float))
+
+    def relax(self, slots: np.ndarray) -> None:
+        """A plain round of ``slots`` (B,): their estimates move ``cfg.relax`` of the way back
+        to the global row (their own observations age; a plain round adds none)."""
+        w, g = self.cfg.relax, self.g
+        self.chain[slots] += w * (self.chain[g] - self.chain[slots])
+        self.branch[slots] += w * (self.branch[g] - self.branch[slots])
+        if not math.isnan(self.global_tree):
+            rows = self.tree[slots]
+            self.tree[slots] = np.where(np.isnan(rows), rows, rows + w * (self.global_tree - rows))
 
     def _learn(self, values: np.ndarray, counts: np.ndarray, slots: np.ndarray, new: np.ndarray,
                tried: np.ndarray | None = None) -> None:
@@ -245,6 +259,7 @@ class AdaptivePolicy:
         if setting in self.since:
             self.since[setting] = 0
         if setting.plain:
+            self.acceptance.relax(slots)
             return
         if eagle is None or total is None:
             raise ValueError(f"a {setting.name} round needs its accepted token counts")

@@ -1,0 +1,157 @@
+"""Served EAGLE-3 across load: the baseline app vs fixed speculation settings vs the adaptive policy.
+
+One local Ray + Serve instance runs one eyas app per row below, all on the same target with the
+same engine knobs (CPU, ``--dtype``, ``--threads`` torch threads, ``--max-batch`` slots):
+
+  baseline            plain decoding [the baseline: every ratio is over it, per point]
+  fixed               chain S/1/D + n-gram branch, speculating at every batch size
+  fixed B<=1          the same, speculating only while one request runs (max_speculative_batch 1)
+  adaptive            adaptive S/1/S+1 + n-gram branch, calibrated at start (issue 12)
+
+The project's own load test (``eyas.loadtest``, closed loop, point-major so each concurrency
+point measures every app back to back) sends held-out Vicuna-bench chat prompts, greedy, eos
+ignored, ``--tokens`` per request. Printed per point: median TPOT (ms) and output tokens/s of each
+app, each as x baseline; adaptive over the best fixed row; adaptive's share of decode rounds per
+setting (from ``/v1/server_info``). Idle apps hold memory only. Run it on a quiet machine: the
+apps, the client actor and this driver share the CPUs.
+
+    .venv/bin/python bench/serve_sweep.py --draft artifacts/smollm2_more/train/draft \
+        [--concurrencies 1 2 4 8 16 32] [--duration 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def app_configs(args: argparse.Namespace) -> dict[str, dict]:
+    """The serve-app args of every row (``eyas.serve.app.build_app``), baseline first."""
+    engine = {"device": "cpu", "dtype": args.dtype, "max_batch_size": args.max_batch,
+              "max_seq_len": args.max_seq_len, "num_threads": args.threads}
+    chain = {"draft_path": args.draft, "num_steps": args.steps, "eagle_topk": 1,
+             "num_draft_tokens": args.steps + 1, "ngram_tokens": args.ngram}
+    specs = {"baseline": None,
+             "fixed": chain,
+             "fixed B<=1": {**chain, "max_speculative_batch": 1},
+             "adaptive": {**chain, "num_steps": args.adaptive_steps,
+                          "num_draft_tokens": args.adaptive_steps + 1, "speculation": "adaptive"}}
+    deployment = {"num_replicas": 1, "max_ongoing_requests": 2 * args.max_batch,
+                  "ray_actor_options": {"num_cpus": 0.25}}
+    return {name: {"model": args.target, "served_model_name": args.target, "engine": engine,
+                   "speculative": spec, "max_tokens_limit": 2048, "deployment": deployment}
+            for name, spec in specs.items()}
+
+
+def route(name: str) -> str:
+    return "/" + name.replace(" ", "").replace("<=", "le")
+
+
+def serve_rows(args: argparse.Namespace) -> list[str]:
+    """Start every row's app on a local Serve instance; return the app names."""
+    from ray import serve
+
+    from eyas.serve.app import build_app
+
+    quiet = {"enable_access_log": False}
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=quiet)
+    names = []
+    for name, app in app_configs(args).items():
+        print(f"[bench] starting app {name!r} at {route(name)}", flush=True)
+        serve.run(build_app(app), name=f"sweep{route(name).replace('/', '-')}",
+                  route_prefix=route(name), logging_config=quiet)
+        names.append(name)
+    return names
+
+
+def load_test_config(args: argparse.Namespace, names: list[str], out: str):
+    from decode_speed import PROMPTS  # held out of training
+    from eyas.loadtest.config import LoadTestConfig
+
+    url = f"http://127.0.0.1:{args.port}"
+    return LoadTestConfig(
+        endpoints=[{"name": n, "url": f"{url}{route(n)}/v1", "model": args.target} for n in names],
+        concurrencies=args.concurrencies, requests_per_point=args.max_requests,
+        duration_s=args.duration,
+        workload={"kind": "prompts_file", "path": PROMPTS, "num_prompts": 80},
+        max_tokens=args.tokens, temperature=0.0, ignore_eos=True, continuous_usage_stats=True,
+        output=out, num_client_actors=1, client_actor_cpus=0.25)
+
+
+def _shares(row: dict) -> str:
+    shares = row.get("speculation_shares") or {}
+    return " ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
+                    if v >= 0.01)
+
+
+def print_table(rows: list[dict], names: list[str]) -> None:
+    """Per point: TPOT and throughput of each app as x baseline; adaptive over the best fixed."""
+    by = {(r["concurrency"], r["endpoint"]): r for r in rows}
+    fixed = [n for n in names if n.startswith("fixed")]
+    print("\n| C | app | TPOT ms | x baseline | out tok/s | x baseline | tau | notes |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in sorted({r["concurrency"] for r in rows}):
+        base = by[(c, "baseline")]
+        for n in names:
+            r = by[(c, n)]
+            tpot_x = base["tpot_ms_median"] / r["tpot_ms_median"]
+            thr_x = r["output_throughput"] / base["output_throughput"]
+            note = f"failed {r['failed']}" if r["failed"] else ""
+            if n == "adaptive":
+                best = max(fixed, key=lambda f: base["tpot_ms_median"] / by[(c, f)]["tpot_ms_median"])
+                vs = by[(c, best)]["tpot_ms_median"] / r["tpot_ms_median"]
+                note += f" {vs:.2f}x best fixed ({best}); rounds: {_shares(r)}"
+            tau = r.get("acceptance_length_mean")
+            print(f"| {c} | {n} | {r['tpot_ms_median']:.1f} | {tpot_x:.2f} | "
+                  f"{r['output_throughput']:.1f} | {thr_x:.2f} | "
+                  f"{'' if tau is None else f'{tau:.2f}'} | {note.strip()} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2-135m-instruct")
+    parser.add_argument("--draft", required=True, help="exported EAGLE-3 draft dir")
+    parser.add_argument("--concurrencies", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds issued per point")
+    parser.add_argument("--max-requests", type=int, default=256, help="cap per point")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="fixed rows: chain S/1/S+1")
+    parser.add_argument("--adaptive-steps", type=int, default=5)
+    parser.add_argument("--ngram", type=int, default=4, help="n-gram branch nodes (0 = off)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per replica")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-cpus", type=float, default=2)
+    parser.add_argument("--port", type=int, default=8012)
+    args = parser.parse_args()
+    args.draft = os.path.abspath(args.draft)
+
+    import ray
+    from ray import serve
+
+    from eyas.loadtest.runner import run_load_test
+    from eyas.runtime import quiet_ray_data
+
+    quiet_ray_data()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    print(f"[bench] apps: CPU, {args.dtype}, {args.threads} torch threads each, "
+          f"{args.max_batch} slots; load: Vicuna-bench, greedy, {args.tokens} tokens, "
+          f"{args.duration:.0f} s per point", flush=True)
+    try:
+        names = serve_rows(args)
+        with tempfile.TemporaryDirectory() as out:
+            result = run_load_test(load_test_config(args, names, out))
+        print_table(result.rows, names)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
