@@ -12,7 +12,7 @@ The project's own load test (``eyas.loadtest``, closed loop, point-major so each
 point measures every app back to back) sends held-out Vicuna-bench chat prompts, greedy, eos
 ignored, ``--tokens`` per request. Printed per point: median TPOT (ms) and output tokens/s of each
 app, each as x baseline; adaptive over the best fixed row; adaptive's share of decode rounds per
-setting (from ``/v1/server_info``). Idle apps hold memory only. Run it on a quiet machine: the
+setting, and its cost model's predicted vs measured round time (from ``/v1/server_info``). Idle apps hold memory only. Run it on a quiet machine: the
 apps, the client actor and this driver share the CPUs.
 
     .venv/bin/python bench/serve_sweep.py --draft artifacts/smollm2_more/train/draft \
@@ -112,6 +112,20 @@ def print_table(rows: list[dict], names: list[str]) -> None:
                   f"{'' if tau is None else f'{tau:.2f}'} | {note.strip()} |")
 
 
+def print_round_times(args: argparse.Namespace) -> None:
+    """The adaptive app's cost model over the whole sweep: per setting, the predicted and the
+    measured mean round time and the mean |error| (``/v1/server_info``)."""
+    import httpx
+
+    url = f"http://127.0.0.1:{args.port}{route('adaptive')}/v1/server_info"
+    rounds = httpx.get(url, timeout=30).json()["backend_info"]["speculation_rounds"]
+    print("\nadaptive app, whole sweep: setting | share | predicted ms | measured ms | mean |err|")
+    for name, r in sorted(rounds.items(), key=lambda kv: -kv[1]["share"]):
+        cells = [f"{r[k]:.1f}" if r[k] is not None else "-"
+                 for k in ("predicted_ms", "measured_ms", "error_pct")]
+        print(f"  {name} | {r['share']:.1%} | {cells[0]} | {cells[1]} | {cells[2]}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="smollm2-135m-instruct")
@@ -148,6 +162,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             result = run_load_test(load_test_config(args, names, out))
         print_table(result.rows, names)
+        print_round_times(args)
     finally:
         serve.shutdown()
         ray.shutdown()
