@@ -137,6 +137,23 @@ def test_round_prediction_is_the_sum_of_its_measured_phases():
         costs.observe(spec, (1e-3, 2e-3))
 
 
+def test_a_rare_setting_follows_the_machine_speed_the_frequent_one_measures():
+    """The machine slows down (drift, longer contexts) while only plain rounds run: the
+    prediction of a speculative round not run since still moves with it."""
+    costs = CostModel()
+    plain, spec = RoundShape(1), RoundShape(batch=1, steps=3, topk=1, tokens=4, pending=1)
+    for _ in range(5):
+        costs.observe(plain, (10e-3, 0.1e-3))
+        costs.observe(spec, (1e-3, 2e-3, 12e-3, 0.2e-3))
+    assert costs.predict(spec) == pytest.approx(15.2e-3)
+    for _ in range(40):  # 1.5x slower from here on
+        costs.observe(plain, (15e-3, 0.15e-3))
+    assert costs.predict(plain) == pytest.approx(15.15e-3, rel=0.02)
+    assert costs.predict(spec) == pytest.approx(1.5 * 15.2e-3, rel=0.05)
+    costs.observe(spec, (1.5e-3, 3e-3, 18e-3, 0.3e-3))  # and it is right
+    assert costs.predict(spec) == pytest.approx(22.8e-3, rel=0.05)
+
+
 def test_policy_predicts_the_round_it_chooses():
     machine = Machine(per_token=0.05e-3)
     policy = trained(machine, accepted=3, batch=8)

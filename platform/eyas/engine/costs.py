@@ -21,6 +21,14 @@ a shape timed in a stalled round is bounded by its larger siblings.
 An estimate is robust to stalls (a first call's one-time costs, a preempted process, a
 collector pause): the least of a shape's first ``WARM_TIMINGS`` timings, then an exponential
 moving average (weight ``alpha``) of timings clipped to half / twice the estimate.
+
+The machine's speed drifts (measured here: a 2-core VM's plain round went 18 -> 25 ms within
+minutes, and longer contexts cost more), and a setting the policy rarely runs would keep the
+timings of its last run. So the tables hold times in units of a shared ``CostModel.speed``: a
+round whose every phase has a settled estimate of its own (``WARM_TIMINGS`` timings) moves
+``speed`` toward its measured / tabled ratio (weight ``SPEED_ALPHA``), and every prediction is
+tabled x ``speed``. The frequent settings thus keep the rare ones' predictions current, and the
+tables, which move slower (``COST_ALPHA``), keep the relative costs.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-COST_ALPHA = 0.2  # EMA weight of a new timing: about the last 5 rounds of a shape count
+COST_ALPHA = 0.05  # EMA weight of a shape's new timing (in units of speed): relative costs
+SPEED_ALPHA = 0.5  # EMA weight of a round's measured / tabled ratio in the machine's speed:
+# fast, so the tables take little of a drift (~COST_ALPHA / SPEED_ALPHA); its round-to-round
+# noise scales every setting's prediction alike, so it never changes the policy's choice
 WARM_TIMINGS = 3  # a shape's first timings, of which the least is kept
 
 
@@ -69,6 +80,11 @@ class PhaseCost:
         if size not in self.by_size:
             bisect.insort(self._sizes, size)
         self.by_size.setdefault(size, Timing()).add(seconds, self.alpha)
+
+    def settled(self, key: tuple[int, ...]) -> float | None:
+        """``key``'s own estimate once it has ``WARM_TIMINGS`` timings, else None."""
+        timing = self.exact.get(key[:-1], {}).get(key[-1])
+        return timing.value if timing is not None and timing.count >= WARM_TIMINGS else None
 
     def predict(self, key: tuple[int, ...], size: int) -> float | None:
         """Seconds for ``key``: its own estimate when it ran before, else interpolated over
@@ -115,22 +131,30 @@ class CostModel:
     verify: PhaseCost = field(init=False)
     accept: PhaseCost = field(init=False)
 
+    speed: float = 1.0  # the machine's current slowness: tabled times x speed = seconds
+
     def __post_init__(self) -> None:
         self.extend, self.grow, self.verify, self.accept = (PhaseCost(self.alpha) for _ in range(4))
 
     def predict(self, shape: RoundShape) -> float | None:
         """Seconds of a round of ``shape``; None while a phase it needs was never measured."""
         parts = [p.predict(key, size) for p, key, size in self._phases(shape)]
-        return None if None in parts else sum(parts)  # type: ignore[arg-type]
+        return None if None in parts else self.speed * sum(parts)  # type: ignore[arg-type]
 
     def observe(self, shape: RoundShape, seconds: tuple[float, ...]) -> None:
         """Fold in a timed round: ``seconds`` per phase of ``shape`` (extend, grow, verify,
-        accept; verify, accept for a plain round)."""
+        accept; verify, accept for a plain round); first into ``speed`` when every phase of
+        the shape is settled (module docstring), then into the tables in units of it."""
         phases = self._phases(shape)
         if len(phases) != len(seconds):
             raise ValueError(f"{len(seconds)} phase timings for a round of {len(phases)} phases")
+        settled = [phase.settled(key) for phase, key, _ in phases]
+        if None not in settled and sum(settled) > 0:  # type: ignore[arg-type]
+            ratio = sum(seconds) / sum(settled)  # type: ignore[arg-type]
+            self.speed = ema(self.speed, min(max(ratio, self.speed / 2), 2 * self.speed),
+                             SPEED_ALPHA)
         for (phase, key, size), s in zip(phases, seconds, strict=True):
-            phase.observe(key, size, s)
+            phase.observe(key, size, s / self.speed)
 
     def _phases(self, shape: RoundShape) -> list[tuple[PhaseCost, tuple[int, ...], int]]:
         """(phase, exact key, work size) of each phase a round of ``shape`` runs."""
