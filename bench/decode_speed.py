@@ -168,9 +168,10 @@ def cost_columns(extra: dict, knobs: Knobs, t_1: float, gain: float) -> str:
 def adaptive_columns(extra: dict) -> str:
     """The cost model's predicted vs the measured mean round time of an adaptive cell, and the
     share of rounds of each setting it chose."""
+    from eyas.loadtest.report import format_shares
+
     t = extra["round_time"]
-    shares = ", ".join(f"{name} {100 * s['share']:.0f}%" for name, s in
-                       sorted(extra["settings"].items(), key=lambda kv: -kv[1]["share"]))
+    shares = format_shares({name: s["share"] for name, s in extra["settings"].items()})
     return (f" round predicted {t['predicted_ms'] or float('nan'):6.2f} ms measured "
             f"{t['measured_ms'] or float('nan'):6.2f} ms |err| {t['error_pct'] or float('nan'):4.1f}%"
             f" rounds: {shares}")

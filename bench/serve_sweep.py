@@ -83,14 +83,10 @@ def load_test_config(args: argparse.Namespace, names: list[str], out: str):
         output=out, num_client_actors=1, client_actor_cpus=0.25)
 
 
-def _shares(row: dict) -> str:
-    shares = row.get("speculation_shares") or {}
-    return " ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
-                    if v >= 0.01)
-
-
 def print_table(rows: list[dict], names: list[str]) -> None:
     """Per point: TPOT and throughput of each app as x baseline; adaptive over the best fixed."""
+    from eyas.loadtest.report import format_shares
+
     by = {(r["concurrency"], r["endpoint"]): r for r in rows}
     fixed = [n for n in names if n.startswith("fixed")]
     print("\n| C | app | TPOT ms | x baseline | out tok/s | x baseline | tau | notes |")
@@ -105,7 +101,8 @@ def print_table(rows: list[dict], names: list[str]) -> None:
             if n == "adaptive":
                 best = max(fixed, key=lambda f: base["tpot_ms_median"] / by[(c, f)]["tpot_ms_median"])
                 vs = by[(c, best)]["tpot_ms_median"] / r["tpot_ms_median"]
-                note += f" {vs:.2f}x best fixed ({best}); rounds: {_shares(r)}"
+                shares = format_shares(r.get("speculation_shares") or {})
+                note += f" {vs:.2f}x best fixed ({best}); rounds: {shares}"
             tau = r.get("acceptance_length_mean")
             print(f"| {c} | {n} | {r['tpot_ms_median']:.1f} | {tpot_x:.2f} | "
                   f"{r['output_throughput']:.1f} | {thr_x:.2f} | "
@@ -115,10 +112,11 @@ def print_table(rows: list[dict], names: list[str]) -> None:
 def print_round_times(args: argparse.Namespace) -> None:
     """The adaptive app's cost model over the whole sweep: per setting, the predicted and the
     measured mean round time and the mean |error| (``/v1/server_info``)."""
-    import httpx
+    from eyas.loadtest.client import make_target
+    from eyas.loadtest.runner import server_info
 
-    url = f"http://127.0.0.1:{args.port}{route('adaptive')}/v1/server_info"
-    rounds = httpx.get(url, timeout=30).json()["backend_info"]["speculation_rounds"]
+    target = make_target(f"http://127.0.0.1:{args.port}{route('adaptive')}/v1", True, None)
+    rounds = server_info(target)["backend_info"]["speculation_rounds"]
     print("\nadaptive app, whole sweep: setting | share | predicted ms | measured ms | mean |err|")
     for name, r in sorted(rounds.items(), key=lambda kv: -kv[1]["share"]):
         cells = [f"{r[k]:.1f}" if r[k] is not None else "-"

@@ -231,6 +231,13 @@ def _join(cells: list[str], widths: list[int]) -> str:
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
 
 
+def format_shares(shares: dict[str, float]) -> str:
+    """"plain 60%, chain 1/1/2 30%, ...": speculation settings by their share of decode rounds,
+    largest first (settings under 0.5% left out)."""
+    return ", ".join(f"{name} {share:.0%}" for name, share in
+                     sorted(shares.items(), key=lambda kv: -kv[1]) if share >= 0.005)
+
+
 def format_table(result: LoadTestResult) -> str:
     """Fixed-width table; the speedups compare each endpoint with the first at the same point:
     ``x thrpt`` = output throughput ratio, ``x TPOT`` = first's median TPOT / this one's. Below
@@ -251,9 +258,8 @@ def format_table(result: LoadTestResult) -> str:
     body = [_join(row, widths) for row in [header, ["-" * w for w in widths], *lines]]
     for r in result.rows:
         if r.get("speculation_shares"):
-            shares = ", ".join(f"{name} {100 * v:.0f}%" for name, v in
-                               sorted(r["speculation_shares"].items(), key=lambda kv: -kv[1]))
-            body.append(f"  {r['point']} {r['endpoint']}: decode rounds {shares}")
+            body.append(f"  {r['point']} {r['endpoint']}: decode rounds "
+                        f"{format_shares(r['speculation_shares'])}")
         if r.get("replica_lost"):
             back = r.get("recovery_s")
             when = ("not back before the point ended" if back is None or math.isnan(back)
