@@ -4,25 +4,32 @@ One local Ray + Serve instance runs one eyas app per row below, all on the same 
 same engine knobs (CPU, ``--dtype``, ``--threads`` torch threads, ``--max-batch`` slots):
 
   baseline            plain decoding [the baseline: every ratio is over it, per point]
+  baseline 2          plain decoding again: the A/A control, whose ratio is this machine's noise
   fixed               chain S/1/D + n-gram branch, speculating at every batch size
   fixed B<=1          the same, speculating only while one request runs (max_speculative_batch 1)
   adaptive            adaptive S/1/S+1 + n-gram branch, calibrated at start (issue 12)
 
 The project's own load test (``eyas.loadtest``, closed loop, point-major so each concurrency
 point measures every app back to back) sends held-out Vicuna-bench chat prompts, greedy, eos
-ignored, ``--tokens`` per request. Printed per point: median TPOT (ms) and output tokens/s of each
-app, each as x baseline; adaptive over the best fixed row; adaptive's share of decode rounds per
-setting, and its cost model's predicted vs measured round time (from ``/v1/server_info``). Idle apps hold memory only. Run it on a quiet machine: the
-apps, the client actor and this driver share the CPUs.
+ignored, ``--tokens`` per request. The whole sweep runs ``--repeats`` times, the apps' order
+rotated each time (so no app always runs first or after the same neighbour); each repeat gives
+every app's ratio to that repeat's baseline at the same point. Printed per point: each app's
+TPOT and output tokens/s as x baseline, the median over repeats with the range; adaptive over
+the best fixed row (per repeat, then the median); adaptive's share of decode rounds per setting;
+and, for the whole run, the adaptive app's predicted vs measured round time per setting (from
+``/v1/server_info``). The control row's range is what this machine can resolve: a ratio inside
+it is not a difference. Idle apps hold memory only. Run it on a quiet machine: the apps, the
+client actor and this driver share the CPUs.
 
     .venv/bin/python bench/serve_sweep.py --draft artifacts/smollm2_more/train/draft \
-        [--concurrencies 1 2 4 8 16 32] [--duration 20]
+        [--concurrencies 1 2 4 8 16 32] [--duration 10] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -37,6 +44,7 @@ def app_configs(args: argparse.Namespace) -> dict[str, dict]:
     chain = {"draft_path": args.draft, "num_steps": args.steps, "eagle_topk": 1,
              "num_draft_tokens": args.steps + 1, "ngram_tokens": args.ngram}
     specs = {"baseline": None,
+             "baseline 2": None,
              "fixed": chain,
              "fixed B<=1": {**chain, "max_speculative_batch": 1},
              "adaptive": {**chain, "num_steps": args.adaptive_steps,
@@ -50,6 +58,12 @@ def app_configs(args: argparse.Namespace) -> dict[str, dict]:
 
 def route(name: str) -> str:
     return "/" + name.replace(" ", "").replace("<=", "le")
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """The apps' measuring order in repeat ``r``."""
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
 def serve_rows(args: argparse.Namespace) -> list[str]:
@@ -83,30 +97,69 @@ def load_test_config(args: argparse.Namespace, names: list[str], out: str):
         output=out, num_client_actors=1, client_actor_cpus=0.25)
 
 
-def print_table(rows: list[dict], names: list[str]) -> None:
-    """Per point: TPOT and throughput of each app as x baseline; adaptive over the best fixed."""
+def ratios(repeats: list[list[dict]], names: list[str]) -> dict[tuple[int, str], dict]:
+    """Per (concurrency, app): the TPOT and throughput ratios to the baseline of each repeat
+    (TPOT: baseline / app, so higher is faster), adaptive over each repeat's best fixed row,
+    the median TPOT, tau and the last repeat's round shares."""
+    out: dict[tuple[int, str], dict] = {}
+    fixed = [n for n in names if n.startswith("fixed")]
+    for rows in repeats:
+        by = {(r["concurrency"], r["endpoint"]): r for r in rows}
+        for c in sorted({r["concurrency"] for r in rows}):
+            base = by[(c, "baseline")]
+            tpot_x = {n: base["tpot_ms_median"] / by[(c, n)]["tpot_ms_median"] for n in names}
+            for n in names:
+                r = by[(c, n)]
+                cell = out.setdefault((c, n), {"tpot_x": [], "thr_x": [], "tpot": [], "tau": [],
+                                               "failed": 0, "vs_best": []})
+                cell["tpot_x"].append(tpot_x[n])
+                cell["thr_x"].append(r["output_throughput"] / base["output_throughput"])
+                cell["tpot"].append(r["tpot_ms_median"])
+                cell["failed"] += r["failed"]
+                if r.get("acceptance_length_mean") is not None:
+                    cell["tau"].append(r["acceptance_length_mean"])
+                if n == "adaptive":
+                    cell["vs_best"].append(tpot_x[n] / max(tpot_x[f] for f in fixed))
+                    cell["shares"] = r.get("speculation_shares") or {}
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """'median [min-max]' of the repeats' ratios."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def print_table(cells: dict[tuple[int, str], dict], names: list[str]) -> None:
+    """Per point and app: TPOT and throughput as x baseline (median [range] over repeats)."""
     from eyas.loadtest.report import format_shares
 
-    by = {(r["concurrency"], r["endpoint"]): r for r in rows}
-    fixed = [n for n in names if n.startswith("fixed")]
-    print("\n| C | app | TPOT ms | x baseline | out tok/s | x baseline | tau | notes |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c in sorted({r["concurrency"] for r in rows}):
-        base = by[(c, "baseline")]
+    print("\n| C | app | TPOT ms | TPOT x baseline | out tok/s x baseline | tau | notes |")
+    print("|---|---|---|---|---|---|---|")
+    for c in sorted({c for c, _ in cells}):
         for n in names:
-            r = by[(c, n)]
-            tpot_x = base["tpot_ms_median"] / r["tpot_ms_median"]
-            thr_x = r["output_throughput"] / base["output_throughput"]
-            note = f"failed {r['failed']}" if r["failed"] else ""
+            cell = cells[(c, n)]
+            note = f"failed {cell['failed']}" if cell["failed"] else ""
             if n == "adaptive":
-                best = max(fixed, key=lambda f: base["tpot_ms_median"] / by[(c, f)]["tpot_ms_median"])
-                vs = by[(c, best)]["tpot_ms_median"] / r["tpot_ms_median"]
-                shares = format_shares(r.get("speculation_shares") or {})
-                note += f" {vs:.2f}x best fixed ({best}); rounds: {shares}"
-            tau = r.get("acceptance_length_mean")
-            print(f"| {c} | {n} | {r['tpot_ms_median']:.1f} | {tpot_x:.2f} | "
-                  f"{r['output_throughput']:.1f} | {thr_x:.2f} | "
-                  f"{'' if tau is None else f'{tau:.2f}'} | {note.strip()} |")
+                note += (f" {spread(cell['vs_best'])} x best fixed; "
+                         f"rounds: {format_shares(cell['shares'])}")
+            tau = f"{statistics.median(cell['tau']):.2f}" if cell["tau"] else ""
+            print(f"| {c} | {n} | {statistics.median(cell['tpot']):.1f} | "
+                  f"{spread(cell['tpot_x'])} | {spread(cell['thr_x'])} | {tau} | {note.strip()} |")
+
+
+def print_verdict(cells: dict[tuple[int, str], dict], names: list[str]) -> None:
+    """Adaptive against the issue-12 bars, beside the A/A control's noise at the same point."""
+    points = sorted({c for c, _ in cells})
+    print("\nadaptive vs the bars (medians over repeats; control = baseline 2, the noise):")
+    for c in points:
+        a, ctl = cells[(c, "adaptive")], cells[(c, "baseline 2")]
+        print(f"  C={c}: TPOT {spread(a['tpot_x'])} x baseline (>= 1.0), "
+              f"{spread(a['vs_best'])} x best fixed (>= 0.95); control {spread(ctl['tpot_x'])}")
+    top = points[-1]
+    print(f"  throughput at C={top}: {spread(cells[(top, 'adaptive')]['thr_x'])} x baseline "
+          f"(>= 0.95); control {spread(cells[(top, 'baseline 2')]['thr_x'])}")
 
 
 def print_round_times(args: argparse.Namespace) -> None:
@@ -117,11 +170,15 @@ def print_round_times(args: argparse.Namespace) -> None:
 
     target = make_target(f"http://127.0.0.1:{args.port}{route('adaptive')}/v1", True, None)
     rounds = server_info(target)["backend_info"]["speculation_rounds"]
-    print("\nadaptive app, whole sweep: setting | share | predicted ms | measured ms | mean |err|")
+    print("\nadaptive app, whole run: setting | share | predicted ms | measured ms | "
+          "mean error | mean |error| per round")
     for name, r in sorted(rounds.items(), key=lambda kv: -kv[1]["share"]):
-        cells = [f"{r[k]:.1f}" if r[k] is not None else "-"
-                 for k in ("predicted_ms", "measured_ms", "error_pct")]
-        print(f"  {name} | {r['share']:.1%} | {cells[0]} | {cells[1]} | {cells[2]}%")
+        pred, meas, err = r["predicted_ms"], r["measured_ms"], r["error_pct"]
+        if pred is None or meas is None:
+            print(f"  {name} | {r['share']:.1%} | - | - | - | -")
+            continue
+        print(f"  {name} | {r['share']:.1%} | {pred:.1f} | {meas:.1f} | "
+              f"{100 * (pred - meas) / meas:+.1f}% | {err:.1f}%")
 
 
 def main() -> None:
@@ -129,7 +186,8 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m-instruct")
     parser.add_argument("--draft", required=True, help="exported EAGLE-3 draft dir")
     parser.add_argument("--concurrencies", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds issued per point")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds issued per point")
+    parser.add_argument("--repeats", type=int, default=3, help="whole sweeps, app order rotated")
     parser.add_argument("--max-requests", type=int, default=256, help="cap per point")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="fixed rows: chain S/1/S+1")
@@ -154,12 +212,19 @@ def main() -> None:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     print(f"[bench] apps: CPU, {args.dtype}, {args.threads} torch threads each, "
           f"{args.max_batch} slots; load: Vicuna-bench, greedy, {args.tokens} tokens, "
-          f"{args.duration:.0f} s per point", flush=True)
+          f"{args.duration:.0f} s per point, {args.repeats} repeats", flush=True)
     try:
         names = serve_rows(args)
+        repeats = []
         with tempfile.TemporaryDirectory() as out:
-            result = run_load_test(load_test_config(args, names, out))
-        print_table(result.rows, names)
+            for r in range(args.repeats):
+                order = rotated(names, r)
+                print(f"[bench] repeat {r + 1}/{args.repeats}: {', '.join(order)}", flush=True)
+                cfg = load_test_config(args, order, os.path.join(out, str(r)))
+                repeats.append(run_load_test(cfg).rows)
+        cells = ratios(repeats, names)
+        print_table(cells, names)
+        print_verdict(cells, names)
         print_round_times(args)
     finally:
         serve.shutdown()

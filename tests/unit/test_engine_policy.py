@@ -161,6 +161,21 @@ def test_policy_predicts_the_round_it_chooses():
     assert choice.predicted_s == pytest.approx(sum(machine.seconds(choice.shape)))
 
 
+def test_branch_width_is_learned_per_batch_size_from_the_configured_maximum():
+    """Before a batch size speculates, its rounds are priced with the full branch width (the
+    widest row pads the batch); rounds of one batch size do not move another's width."""
+    policy = AdaptivePolicy(candidate_settings(3, 1, 4), num_slots=8, max_branch=4)
+    chain = Setting(3, 1, 4)
+    assert policy.shape(chain, 1, PENDING).tokens == 4 + 4
+    for _ in range(40):  # single requests whose lookup never matches: no branch nodes
+        shape = RoundShape(1, 3, 1, 4, PENDING)
+        policy.observe(chain, np.arange(1), shape, Machine().seconds(shape), np.zeros(1, int),
+                       np.zeros(1, int))
+    assert policy.shape(chain, 1, PENDING).tokens == 4
+    assert policy.shape(chain, 8, PENDING).tokens == 4 + 4
+    assert policy.shape(PLAIN, 8, PENDING).tokens == 1
+
+
 # ----------------------------------------------------------------------------- acceptance
 
 
@@ -184,19 +199,21 @@ def test_acceptance_learns_per_depth_per_request_and_globally():
     assert chain1 == pytest.approx(3.0, abs=1e-4) and chain3_tokens == pytest.approx(5.0, abs=1e-4)
 
 
-def test_the_first_rounds_move_the_estimates_quickly():
-    """The starting value counts as one observation, per request and globally."""
-    acc = Acceptance(num_slots=2, depth=2, cfg=PolicyConfig(prior=0.8))
+def test_the_global_prior_counts_as_one_observation_a_request_learns_slowly():
+    """The prior moves at once (it is a guess); a request's start, the global estimate, is
+    worth 1 / alpha_request of its own rounds (a few misses do not switch it off)."""
+    acc = Acceptance(num_slots=2, depth=2, cfg=PolicyConfig(prior=0.8, alpha_request=0.1))
     acc.admit(0)
     acc.observe(np.array([0]), Setting(2, 1, 3), eagle=np.array([0]), total=np.array([0]))
-    assert acc.chain[0, 0] == pytest.approx(0.4) and acc.global_chain[0] == pytest.approx(0.4)
+    assert acc.global_chain[0] == pytest.approx(0.4)
+    assert acc.chain[0, 0] == pytest.approx(0.72)
     assert acc.chain[0, 1] == 0.8  # depth 2 was not tried
     acc.admit(1)
     assert acc.chain[1, 0] == pytest.approx(0.4)
 
 
 def test_tree_uses_its_observed_acceptance_and_branches_add_theirs():
-    acc = Acceptance(num_slots=2, depth=5, cfg=PolicyConfig(prior=0.5))
+    acc = Acceptance(num_slots=2, depth=5, cfg=PolicyConfig(prior=0.5, alpha_request=0.5))
     acc.admit(0)
     tree = Setting(*TREE)
     before = acc.expected_tokens(np.array([0]), [Setting(5, 1, 6), tree])
@@ -218,7 +235,7 @@ def test_plain_rounds_bring_a_request_back_toward_the_global_estimate():
         policy.acceptance.admit(slot)
     for setting in policy.settings:  # both requests accept everything
         run_round(policy, machine, setting, np.arange(2), accepted=5)
-    for _ in range(20):  # then request 0 rejects every draft, request 1 keeps accepting
+    for _ in range(30):  # then request 0 rejects every draft, request 1 keeps accepting
         shape = policy.shape(chain5, 2, PENDING)
         policy.observe(chain5, np.arange(2), shape, machine.seconds(shape),
                        np.array([0, 5]), np.array([0, 5]))

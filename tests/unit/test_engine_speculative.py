@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from eyas.engine.accept import accept_greedy, accept_sampled
-from eyas.engine.engine import Engine, SamplingParams, SpecConfig
+from eyas.engine.engine import MAX_CATCH_UP, Engine, SamplingParams, SpecConfig
 from eyas.engine.kv_cache import KVCache, cache_attention_mask
 from eyas.engine.model import Transformer
 from eyas.engine.sampling import sample_from_probs
@@ -369,6 +369,24 @@ def test_plain_rounds_above_the_batch_limit_stay_exact(stories260k, plain_greedy
     assert engine.phase_rounds["verify"] >= (10 if mode == "fixed" else 1)
     if mode == "adaptive":
         assert engine.round_records.by_setting["plain"].rounds >= 16  # all 3 running: capped
+
+
+def test_plain_rounds_keep_only_the_last_tokens_for_the_draft_catch_up(stories260k, plain_greedy):
+    """40 plain rounds (three requests over a limit of 2), then speculation: each request's
+    pending draft inputs never exceed MAX_CATCH_UP (they reach it: the oldest are dropped),
+    and the output is still the plain greedy output."""
+    spec = SpecConfig(num_steps=3, eagle_topk=1, num_draft_tokens=4, max_speculative_batch=2)
+    engine = Engine(str(stories260k), spec=spec, draft=random_draft(stories260k))
+    lengths = [48, 40, 48]
+    for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=n))
+    outs, longest = {}, []
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        longest.append(max((len(r.pending_ids) for r in engine._running), default=0))
+    assert max(longest) == MAX_CATCH_UP
+    for i, n in enumerate(lengths):
+        assert outs[str(i)].token_ids == plain_greedy[i].token_ids[:n]
 
 
 def test_lookup_branch_is_verified_with_the_tree(stories260k, plain_greedy, mode):

@@ -10,8 +10,8 @@ are then paid in full. So the best setting depends on the batch, the machine and
   ``eagle_topk > 1``. The lookup and corpus branches ride along on every speculative round.
 - Expected tokens of a request per round (``Acceptance``): 1 + the draft tokens it accepts.
   Chains: per-depth conditional acceptance rates a_k (EMAs, per request, initialised from a
-  global EMA, which starts at ``PolicyConfig.prior``; a starting value counts as one
-  observation, so the first rounds move an estimate quickly); a chain of depth d accepts
+  global EMA, which starts at ``PolicyConfig.prior``, a starting value that counts as one
+  observation, so the first rounds move it quickly); a chain of depth d accepts
   sum_{j<=d} prod_{k<=j} a_k. The tree: its observed accepted draft tokens (EMA; before any
   tree round, the deepest chain's estimate). Branches: the tokens accepted beyond the EAGLE-3
   path (EMA), added to every speculative setting. A plain round measures nothing, so in
@@ -19,7 +19,10 @@ are then paid in full. So the best setting depends on the batch, the machine and
   ones: a request that rejected a few drafts is not left on plain decoding for good (its
   text may have turned predictable again; only a speculative round can tell).
 - Round time: ``eyas.engine.costs.CostModel``, measured on this engine (optional warm-up,
-  ``Engine.calibrate``, then every timed round).
+  ``Engine.calibrate``, then every timed round). A round verifies T = D + the branch width
+  tokens per request; the width is an EMA per batch size, the configured maximum before a
+  batch size's first speculative round (a larger batch nearly always has a row with a full
+  match, and that row pads the others).
 - Exploration: a plain round measures no draft, and a chain of depth d measures depths <= d
   only. The deepest chain and the tree are "probes": a probe that is not the best setting runs
   once the rounds since its last run, times ``explore_budget`` times the best setting's round
@@ -27,7 +30,8 @@ are then paid in full. So the best setting depends on the batch, the machine and
   tokens). Exploring thus costs at most ``explore_budget`` of the decode time: often when a
   probe is nearly as good (a batch of one), rarely when it is far behind (a full batch whose
   verification is compute-bound); besides, each probe runs at least once every
-  ``max_explore_interval`` rounds (so a probe timed in a stalled round is timed again). Every setting runs once at the start
+  ``max_explore_interval`` rounds (so a probe timed in a stalled round is timed again).
+  Every setting runs once at the start
   (deepest first) unless ``Engine.calibrate`` timed them already. The other settings need no
   probing: their costs are bounded by the probes' (``eyas.engine.costs``) and their acceptance
   is measured by the deepest chain.
@@ -44,6 +48,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eyas.engine.costs import COST_ALPHA, CostModel, RoundShape, ema
+
+BRANCH_ALPHA = 0.1  # EMA weight of a round's branch width (per batch size); before a batch
+# size's first speculative round its width is the configured maximum: at a large batch some
+# request nearly always has a full lookup match, and the widest row pads them all
 
 
 @dataclass(frozen=True)
@@ -88,10 +96,16 @@ class PolicyConfig:
     """The policy's constants (the defaults serve every config here)."""
 
     prior: float = 0.7  # conditional acceptance per depth before anything is measured
-    alpha_request: float = 0.3  # EMA weight of a request's own new round
-    alpha_global: float = 0.1  # EMA weight of a round's batch mean in the global estimate
+    alpha_request: float = 0.1  # EMA weight of a request's own new round
+    alpha_global: float = 0.02  # EMA weight of a round's batch mean in the global estimate
+    # Both are slow on purpose: the policy stops speculating for a request when its estimate
+    # drops, so a quick estimate rests right after its last misses, below the true rate.
+    # Measured through Serve (SmolLM2 head, one request at a time) with 0.3 / 0.1: the global
+    # depth-1 rate sat at 0.1-0.25 while the speculative rounds accepted 0.37 on average, and
+    # 86% of the rounds were plain where chain 3/1/4 on every round was 1.45x faster.
     relax: float = 0.1  # per plain round: share of the way a request's estimates go back to global
-    explore_budget: float = 0.02  # the share of decode time exploration may cost
+    explore_budget: float = 0.01  # the share of decode time exploration may cost (measured
+    # on SmolLM2, CPU, 8-32 requests: exploration's whole cost over plain decoding)
     max_explore_interval: int = 1000  # rounds: a probe runs at least this often
     cost_alpha: float = COST_ALPHA
 
@@ -101,10 +115,10 @@ class Acceptance:
 
     chain (N + 1, S') conditional acceptance at depths 1..S'; tree (N + 1,) draft tokens
     accepted per tree round (NaN: no tree round yet); branch (N + 1,) tokens the lookup/corpus
-    branches add beyond the EAGLE-3 path. A newly admitted request starts from the global row.
-    Every estimate counts its starting value as one observation: its k-th own observation
-    weighs max(alpha, 1/(k+1)) (alpha_request per request, alpha_global for the global row,
-    fed with each round's batch mean), so the first rounds move it quickly.
+    branches add beyond the EAGLE-3 path. A newly admitted request starts from the global row
+    and blends its own observations in with weight alpha_request. The global row, fed with
+    each round's batch mean, counts its starting value (the prior) as one observation: its
+    k-th observation weighs max(alpha_global, 1/(k+1)), so the first rounds move it quickly.
     """
 
     def __init__(self, num_slots: int, depth: int, cfg: PolicyConfig) -> None:
@@ -112,8 +126,8 @@ class Acceptance:
         self.chain = np.full((num_slots + 1, depth), cfg.prior)
         self.tree = np.full(num_slots + 1, math.nan)
         self.branch = np.zeros(num_slots + 1)
-        self.chain_n = np.zeros((num_slots + 1, depth))  # observations per row and depth
-        self.tree_n, self.branch_n = np.zeros(num_slots + 1), np.zeros(num_slots + 1)
+        self.chain_n = np.zeros(depth)  # the global row's observations per depth
+        self.tree_n, self.branch_n = np.zeros(1), np.zeros(1)
 
     @property
     def global_chain(self) -> np.ndarray:
@@ -127,7 +141,6 @@ class Acceptance:
         g = self.g
         self.chain[slot], self.tree[slot], self.branch[slot] = (
             self.chain[g], self.tree[g], self.branch[g])
-        self.chain_n[slot], self.tree_n[slot], self.branch_n[slot] = 0, 0, 0
 
     def expected_tokens(self, slots: np.ndarray, settings: list[Setting]) -> list[float]:
         """Tokens the batch ``slots`` (B,) emits per round under each setting."""
@@ -171,22 +184,17 @@ class Acceptance:
     def _learn(self, values: np.ndarray, counts: np.ndarray, slots: np.ndarray, new: np.ndarray,
                tried: np.ndarray | None = None) -> None:
         """Blend ``new`` (B, ...) into the rows ``slots`` where ``tried``, and its mean over
-        the tried requests into the global row."""
+        the tried requests into the global row (``counts``: the global row's observations,
+        shaped like one row)."""
         tried = np.ones(new.shape, dtype=bool) if tried is None else tried
-        self._blend(values, counts, slots, new, tried, self.cfg.alpha_request)
+        w = np.where(tried, self.cfg.alpha_request, 0.0)
+        values[slots] = (1 - w) * values[slots] + w * new
         n = tried.sum(axis=0)
         mean = np.where(n > 0, (new * tried).sum(axis=0) / np.maximum(n, 1), 0.0)
-        self._blend(values, counts, np.array([self.g]), mean[None], (n > 0)[None],
-                    self.cfg.alpha_global)
-
-    @staticmethod
-    def _blend(values: np.ndarray, counts: np.ndarray, rows: np.ndarray, new: np.ndarray,
-               mask: np.ndarray, alpha: float) -> None:
-        """values[rows] <- EMA with ``new`` (same shape) where ``mask``; counts advance."""
-        n = counts[rows] + mask
-        w = np.where(mask, np.maximum(alpha, 1 / (n + 1)), 0.0)
-        values[rows] = (1 - w) * values[rows] + w * new
-        counts[rows] = n
+        counts += n > 0  # the global row's observations
+        w = np.where(n > 0, np.maximum(self.cfg.alpha_global, 1 / (counts + 1)), 0.0)
+        g = slice(self.g, self.g + 1)
+        values[g] = (1 - w) * values[g] + w * mean
 
 
 @dataclass(frozen=True)
@@ -202,15 +210,17 @@ class AdaptivePolicy:
     """Chooses each round's setting; learns from every timed round (module docstring)."""
 
     def __init__(self, settings: list[Setting], num_slots: int,
-                 cfg: PolicyConfig | None = None) -> None:
+                 cfg: PolicyConfig | None = None, max_branch: int = 0) -> None:
         self.cfg = cfg or PolicyConfig()
+        self.max_branch = max_branch  # tree tokens the lookup + corpus branches add at most
         self.settings = settings
         depth = max(s.num_steps for s in settings if s.chain)
         self.probes = [s for s in settings if (s.chain and s.num_steps == depth) or
                        not (s.chain or s.plain)]
         self.acceptance = Acceptance(num_slots, depth, self.cfg)
         self.costs = CostModel(self.cfg.cost_alpha)
-        self.branch_width = 0.0  # EMA of the tree tokens the branches add
+        self.branch_width: dict[int, float] = {}  # per batch size: EMA of the tree tokens
+        # the branches add (the batch's widest branch pads every row, so it grows with B)
         self.since = dict.fromkeys(self.probes, 0)  # rounds since each probe last ran
         self.seen: set[Setting] = set()
 
@@ -218,8 +228,9 @@ class AdaptivePolicy:
         """The expected shape of a round of ``setting`` for ``batch`` requests."""
         if setting.plain:
             return RoundShape(batch)
+        width = round(self.branch_width.get(batch, self.max_branch))
         return RoundShape(batch, setting.num_steps, setting.topk,
-                          setting.num_draft_tokens + round(self.branch_width), pending)
+                          setting.num_draft_tokens + width, pending)
 
     def choose(self, slots: np.ndarray, pending: int) -> Choice:
         """The setting for a round of the requests in ``slots`` (B,) int; ``pending`` is the
@@ -264,13 +275,14 @@ class AdaptivePolicy:
         if eagle is None or total is None:
             raise ValueError(f"a {setting.name} round needs its accepted token counts")
         self.acceptance.observe(slots, setting, eagle, total)
-        self.branch_width = ema(self.branch_width, shape.tokens - setting.num_draft_tokens,
-                                self.cfg.cost_alpha)
+        B = shape.batch
+        self.branch_width[B] = ema(self.branch_width.get(B, self.max_branch),
+                                   shape.tokens - setting.num_draft_tokens, BRANCH_ALPHA)
 
     def forget_acceptance(self, num_slots: int) -> None:
         """Back to the prior acceptance (after a calibration on meaningless prompts)."""
         self.acceptance = Acceptance(num_slots, self.acceptance.chain.shape[1], self.cfg)
-        self.branch_width = 0.0
+        self.branch_width = {}
 
 
 @dataclass
