@@ -105,6 +105,9 @@ def test_a_shape_is_never_slower_than_a_larger_one_of_its_batch():
     assert cost.predict((2, 1), 2) == 3.0 and cost.predict((2, 2), 4) == 3.0
     assert cost.predict((4, 1), 4) == 80.0
     assert cost.predict((2, 8), 16) == pytest.approx(6.0)  # larger: not bounded
+    for _ in range(3):  # settled: its own timings, though a larger sibling measured less
+        cost.observe((2, 2), 4, 3.5)
+    assert cost.predict((2, 2), 4) == 3.5
     grow = PhaseCost()  # keys (B, K, S): chains bound shallower chains, not trees
     grow.observe((2, 1, 5), 10, 2.0)
     grow.observe((2, 1, 2), 4, 9.0)

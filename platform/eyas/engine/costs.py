@@ -14,9 +14,12 @@ Each phase keeps an estimate of its seconds per exact shape (e.g. ``(B, T)``) an
 never run, per work size (e.g. ``B * T`` tokens), interpolated linearly between the nearest
 measured sizes; past the largest measured size the time grows in proportion (the forward is
 compute-bound there: pessimistic on purpose), below the smallest it stays flat (a forward never
-gets cheaper than its fixed cost). A shape is never predicted slower than a measured shape
-that differs only by a larger last entry (more tree tokens, pending tokens or draft steps), so
-a shape timed in a stalled round is bounded by its larger siblings.
+gets cheaper than its fixed cost). Until a shape has ``WARM_TIMINGS`` timings of its own it is
+never predicted slower than a measured shape that differs only by a larger last entry (more
+tree tokens, pending tokens or draft steps), so a shape timed in a stalled round is bounded by
+its larger siblings; a settled shape keeps its own estimate (where the cost hardly depends on
+the last entry, as at small batches, the least of several noisy siblings predicted ~15% low:
+measured through Serve, 2 requests).
 
 An estimate is robust to stalls (a first call's one-time costs, a preempted process, a
 collector pause): the least of a shape's first ``WARM_TIMINGS`` timings, then an exponential
@@ -88,8 +91,11 @@ class PhaseCost:
 
     def predict(self, key: tuple[int, ...], size: int) -> float | None:
         """Seconds for ``key``: its own estimate when it ran before, else interpolated over
-        sizes; at most any measured key that differs only by a larger last entry. None before
-        any observation."""
+        sizes; until it is settled, at most any measured key that differs only by a larger
+        last entry. None before any observation."""
+        settled = self.settled(key)
+        if settled is not None:
+            return settled
         group, last = self.exact.get(key[:-1], {}), key[-1]
         own = group[last].value if last in group else self._by_size(size)
         bound = min((t.value for n, t in group.items() if n > last), default=None)
