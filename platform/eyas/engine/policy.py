@@ -31,10 +31,9 @@ are then paid in full. So the best setting depends on the batch, the machine and
   probe is nearly as good (a batch of one), rarely when it is far behind (a full batch whose
   verification is compute-bound); besides, each probe runs at least once every
   ``max_explore_interval`` rounds (so a probe timed in a stalled round is timed again).
-  Every setting runs once at the start
-  (deepest first) unless ``Engine.calibrate`` timed them already. The other settings need no
-  probing: their costs are bounded by the probes' (``eyas.engine.costs``) and their acceptance
-  is measured by the deepest chain.
+  Every setting runs once at the start (deepest first) unless ``Engine.calibrate`` timed them
+  already. The other settings need no probing: their costs are bounded by the probes'
+  (``eyas.engine.costs``) and their acceptance is measured by the deepest chain.
 
 All settings are lossless (every tree is verified by the target), so the choice changes speed,
 never the output. Pure numpy: no torch, no engine.
