@@ -32,8 +32,9 @@ are then paid in full. So the best setting depends on the batch, the machine and
   verification is compute-bound); besides, each probe runs at least once every
   ``max_explore_interval`` rounds (so a probe timed in a stalled round is timed again).
   Every setting runs once at the start (deepest first) unless ``Engine.calibrate`` timed them
-  already. The other settings need no probing: their costs are bounded by the probes'
-  (``eyas.engine.costs``) and their acceptance is measured by the deepest chain.
+  already. The other settings are not probed: their acceptance is measured by the deepest
+  chain, and their costs are bounded by the probes' until they have their own timings
+  (``eyas.engine.costs``), then re-timed only when chosen.
 
 All settings are lossless (every tree is verified by the target), so the choice changes speed,
 never the output. Pure numpy: no torch, no engine.
@@ -101,10 +102,10 @@ class PolicyConfig:
     # drops, so a quick estimate rests right after its last misses, below the true rate.
     # Measured through Serve (SmolLM2 head, one request at a time) with 0.3 / 0.1: the global
     # depth-1 rate sat at 0.1-0.25 while the speculative rounds accepted 0.37 on average, and
-    # 86% of the rounds were plain where chain 3/1/4 on every round was 1.45x faster.
+    # 58% / 86% of the rounds were plain (two 30 s runs at concurrency 1).
     relax: float = 0.1  # per plain round: share of the way a request's estimates go back to global
-    explore_budget: float = 0.01  # the share of decode time exploration may cost (measured
-    # on SmolLM2, CPU, 8-32 requests: exploration's whole cost over plain decoding)
+    explore_budget: float = 0.01  # the share of decode time exploration may cost (SmolLM2,
+    # CPU, 16-32 requests: adaptive was 1-5% slower than plain decoding, nearly all probes)
     max_explore_interval: int = 1000  # rounds: a probe runs at least this often
     cost_alpha: float = COST_ALPHA
 
